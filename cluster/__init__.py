@@ -1,0 +1,2 @@
+"""gpucluster: vLLM on bare-metal GPU hosts from a YAML inventory."""
+__version__ = "0.1.0"
