@@ -1,0 +1,470 @@
+"""Inventory and profile schema: strict loading with file:line errors and did-you-mean."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+Scalar = Union[str, int, float, bool]
+
+
+# ---------------------------------------------------------------- secrets
+class Secret:
+    """A value that renders as *** everywhere; `reveal()` only at execution."""
+
+    def __init__(self, *, literal: str | None = None, env: str | None = None, file: str | None = None):
+        self._literal, self.env, self.file = literal, env, file
+
+    def reveal(self) -> str:
+        if self._literal is not None:
+            return self._literal
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ConfigError(f"environment variable {self.env} is not set",
+                                  fix=f"export {self.env}=... before running")
+            return value
+        path = Path(self.file).expanduser()
+        try:
+            return path.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read secret file {path}: {e.strerror}") from None
+
+    def __repr__(self) -> str:
+        return "***"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and (self._literal, self.env, self.file) == (
+            other._literal, other.env, other.file)
+
+    def __hash__(self) -> int:
+        return hash((self._literal, self.env, self.file))
+
+
+# ---------------------------------------------------------------- schema
+@dataclass(frozen=True, kw_only=True)
+class SSH:
+    user: str = "root"
+    port: int = field(default=22, metadata={"range": (1, 65535)})
+    identity_file: str | None = None
+    known_hosts: str = "~/.ssh/known_hosts"
+    accept_new_host_keys: bool = False
+    connect_timeout: float = field(default=10.0, metadata={"range": (0.1, 600)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class SSHOverride:
+    user: str | None = None
+    port: int | None = field(default=None, metadata={"range": (1, 65535)})
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    accept_new_host_keys: bool | None = None
+    connect_timeout: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPUs:
+    count: int = field(metadata={"range": (1, 64)})
+    name: str | None = None
+    memory_mib: int = field(metadata={"range": (256, 10_000_000)})
+    compute_capability: str = field(metadata={"pattern": r"^\d+\.\d$"})
+    driver: str | None = field(default=None, metadata={"pattern": r"^\d+(\.\d+)*$"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Host:
+    name: str = field(metadata={"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"})
+    address: str
+    gpus: GPUs
+    role: Literal["head", "worker"] | None = None
+    interface: str | None = field(default=None, metadata={"pattern": r"^[A-Za-z0-9_.:@-]{1,15}$"})
+    model_dir: str | None = field(default=None, metadata={"pattern": r"^/"})
+    ssh: SSHOverride | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cluster:
+    name: str = field(metadata={"pattern": r"^[a-z0-9][a-z0-9-]{0,39}$"})
+    ssh: SSH = field(default_factory=SSH)
+    model_dir: str = field(default="/data/models", metadata={"pattern": r"^/"})
+    shared_model_dir: bool = False
+    registry_mirrors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Source:
+    kind: Literal["hf-mirror", "huggingface", "modelscope", "local"] = "hf-mirror"
+    endpoint: str | None = field(default=None, metadata={"pattern": r"^https?://"})
+    revision: str | None = None
+    token: Secret | None = None
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    download_on: Literal["host", "control"] = "host"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deploy:
+    profile: str
+    model: str
+    served_model_name: str | None = None
+    tensor_parallel: int | None = field(default=None, metadata={"range": (1, 512)})
+    pipeline_parallel: int | None = field(default=None, metadata={"range": (1, 64)})
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int | None = field(default=None, metadata={"range": (1, 65535)})
+    api_key: Secret | None = None
+    source: Source = field(default_factory=Source)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inventory:
+    cluster: Cluster
+    hosts: list[Host]
+    deploy: Deploy
+    path: str = field(default="", metadata={"internal": True})
+
+    @property
+    def head(self) -> Host:
+        return next((h for h in self.hosts if h.role == "head"), self.hosts[0])
+
+    def ssh_for(self, host: Host) -> SSH:
+        over = {k: v for k, v in dataclasses.asdict(host.ssh).items() if v is not None} if host.ssh else {}
+        return dataclasses.replace(self.cluster.ssh, **over)
+
+    def model_dir_for(self, host: Host) -> str:
+        return host.model_dir or self.cluster.model_dir
+
+
+@dataclass(frozen=True, kw_only=True)
+class DockerOptions:
+    shm_size: str | None = field(default=None, metadata={"pattern": r"^\d+(\.\d+)?[bkmgBKMG]?$"})
+    ipc: str | None = "host"
+    network: str = "host"
+    privileged: bool = False
+    gpus: str = "all"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    name: str
+    engine: Literal["vllm"] = "vllm"
+    version: str = field(metadata={"pattern": r"^\d+\.\d+\.\d+(\.\d+)?$"})
+    image: str
+    registry_mirrors: list[str] = field(default_factory=list)
+    min_compute_capability: str | None = field(default=None, metadata={"pattern": r"^\d+\.\d$"})
+    cuda: str | None = None
+    min_driver: str | None = field(default=None, metadata={"pattern": r"^\d+(\.\d+)*$"})
+    docker: DockerOptions = field(default_factory=DockerOptions)
+    env: dict[str, str] = field(default_factory=dict)
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    port: int = field(default=8000, metadata={"range": (1, 65535)})
+    path: str = field(default="", metadata={"internal": True})
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+class _Map(dict):
+    """A YAML mapping that remembers the line of each key."""
+
+    line: int = 0
+    lines: dict
+
+
+class _Seq(list):
+    line: int = 0
+    lines: list
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    pass
+
+
+def _construct_map(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Map:
+    loader.flatten_mapping(node)
+    out = _Map()
+    out.line, out.lines = node.start_mark.line + 1, {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in out:
+            raise ConfigError(f"duplicate key {key!r}", line=key_node.start_mark.line + 1,
+                              fix="keep one of them")
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+def _construct_seq(loader: yaml.SafeLoader, node: yaml.SequenceNode) -> _Seq:
+    out = _Seq(loader.construct_object(n, deep=True) for n in node.value)
+    out.line, out.lines = node.start_mark.line + 1, [n.start_mark.line + 1 for n in node.value]
+    return out
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+_Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; syntax errors become one ConfigError with file:line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=str(path), fix="check the path") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", file=str(path)) from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(str(e).split(": ", 1)[-1], file=str(path), line=e.line) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"invalid YAML: {problem}", file=str(path),
+                          line=mark.line + 1 if mark else None) from None
+
+
+# ---------------------------------------------------------------- the strict builder
+@dataclass(frozen=True)
+class _At:
+    file: str
+    path: str
+    line: int | None
+
+    def child(self, key: Any, container: Any) -> "_At":
+        line = None
+        if isinstance(container, _Map):
+            line = container.lines.get(key)
+        elif isinstance(container, _Seq) and isinstance(key, int) and key < len(container.lines):
+            line = container.lines[key]
+        sub = f"{self.path}[{key}]" if isinstance(key, int) else (f"{self.path}.{key}" if self.path else str(key))
+        return _At(self.file, sub, line or self.line)
+
+    def error(self, message: str, fix: str | None = None) -> ConfigError:
+        return ConfigError(message, file=self.file, line=self.line, field=self.path or None, fix=fix)
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _describe(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _convert(tp: Any, value: Any, at: _At, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            if type(None) in typing.get_args(tp):
+                return None
+            raise at.error("a value is required")
+        if len(args) == 1:
+            return _convert(args[0], value, at, meta)
+        return value  # Scalar-like unions are checked by their users
+    if value is None:
+        raise at.error("a value is required")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "use one of: " + ", ".join(map(str, choices))
+            raise at.error(f"{value!r} is not allowed", fix=hint)
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise at.error(f"expected a list, got {_describe(value)}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, at.child(i, value), {}) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise at.error(f"expected a mapping, got {_describe(value)}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, at.child(k, value), {}) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is Secret:
+        return _secret(value, at)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, at)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise at.error(f"expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise at.error(f"expected an integer, got {_describe(value)}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise at.error(f"expected a number, got {_describe(value)}")
+        value = float(value)
+    elif tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise at.error(f"expected a string, got {_describe(value)}")
+        value = str(value)
+    lo_hi = meta.get("range")
+    if lo_hi and not lo_hi[0] <= value <= lo_hi[1]:
+        raise at.error(f"{value} is out of range", fix=f"use a value from {lo_hi[0]} to {lo_hi[1]}")
+    pattern = meta.get("pattern")
+    if pattern and not re.search(pattern, value):
+        raise at.error(f"{value!r} is not valid", fix=f"it must match {pattern}")
+    return value
+
+
+def _secret(value: Any, at: _At) -> Secret:
+    if isinstance(value, str):
+        return Secret(literal=value)
+    if isinstance(value, dict) and len(value) == 1 and set(value) <= {"env", "file"}:
+        (kind, ref), = value.items()
+        if isinstance(ref, str) and ref:
+            return Secret(**{kind: ref})
+    raise at.error("expected a string, {env: NAME} or {file: PATH}")
+
+
+def _build(cls: type, data: Any, at: _At) -> Any:
+    if not isinstance(data, dict):
+        raise at.error(f"expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            raise at.child(key, data).error(
+                "unknown key", fix=f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(fields))
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], at.child(name, data), dict(f.metadata))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise at.error(f"missing required key {name!r}")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- loading
+def _root(data: Any, file: str) -> _At:
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping at the top, got {_describe(data)}", file=file, line=1)
+    return _At(file, "", getattr(data, "line", 1))
+
+
+def load_inventory(path: str | Path) -> Inventory:
+    """Read and validate an inventory file."""
+    file = str(path)
+    data = read_yaml(path)
+    at = _root(data, file)
+    inv = _build(Inventory, data, at)
+    hosts_at = at.child("hosts", data)
+    if not inv.hosts:
+        raise hosts_at.error("at least one host is required")
+    seen_names: dict[str, int] = {}
+    seen_addrs: dict[str, int] = {}
+    for i, host in enumerate(inv.hosts):
+        h_at = hosts_at.child(i, data["hosts"])
+        try:
+            ipaddress.ip_address(host.address)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", host.address):
+                raise h_at.child("address", data["hosts"][i]).error(
+                    f"{host.address!r} is not an IP address or host name") from None
+        for value, seen, what in ((host.name, seen_names, "name"), (host.address, seen_addrs, "address")):
+            if value in seen:
+                raise h_at.child(what, data["hosts"][i]).error(
+                    f"duplicate host {what} {value!r} (also hosts[{seen[value]}])",
+                    fix=f"give every host its own {what}")
+            seen[value] = i
+    heads = [h.name for h in inv.hosts if h.role == "head"]
+    if len(heads) > 1:
+        raise hosts_at.error(f"more than one host has role: head ({', '.join(heads)})", fix="mark one host as head")
+    engine_at = at.child("deploy", data).child("engine_args", data["deploy"])
+    _check_engine_args(inv.deploy.engine_args, engine_at)
+    return dataclasses.replace(inv, path=file)
+
+
+# Flags gpucluster sets itself from other fields; users set them there instead.
+MANAGED_FLAGS = {
+    "model": "deploy.model", "tensor-parallel-size": "deploy.tensor_parallel",
+    "pipeline-parallel-size": "deploy.pipeline_parallel", "served-model-name": "deploy.served_model_name",
+    "port": "deploy.port", "host": "(gpucluster binds 0.0.0.0)", "api-key": "deploy.api_key",
+    "worker-use-ray": "(chosen per engine version)", "distributed-executor-backend": "(chosen per engine version)",
+}
+
+
+def flag_name(key: str) -> str:
+    """Normalise an engine-arg key: no leading dashes, dashes not underscores."""
+    return key.lstrip("-").replace("_", "-")
+
+
+def _check_engine_args(args: dict[str, Any], at: _At) -> None:
+    for key, value in args.items():
+        name = flag_name(key)
+        if name in MANAGED_FLAGS:
+            raise at.child(key, args).error("gpucluster sets this flag itself", fix=f"use {MANAGED_FLAGS[name]}")
+        ok = isinstance(value, (str, int, float, bool)) or (
+            isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value))
+        if not ok:
+            raise at.child(key, args).error(f"expected a scalar or a list of scalars, got {_describe(value)}")
+
+
+def profile_path(ref: str, *, base: Path | None = None) -> Path:
+    """A profile reference is a file path, or a name under ./profiles or the repo's profiles/."""
+    if ref.endswith((".yaml", ".yml")) or "/" in ref:
+        p = Path(ref).expanduser()
+        return p if p.is_absolute() or base is None else (base / p if (base / p).exists() else p)
+    for folder in (Path.cwd() / "profiles", REPO_ROOT / "profiles"):
+        if (folder / f"{ref}.yaml").exists():
+            return folder / f"{ref}.yaml"
+    return REPO_ROOT / "profiles" / f"{ref}.yaml"
+
+
+def available_profiles() -> list[str]:
+    names = {p.stem for folder in (Path.cwd() / "profiles", REPO_ROOT / "profiles") if folder.is_dir()
+             for p in folder.glob("*.yaml")}
+    return sorted(names)
+
+
+def load_profile(ref: str, *, inventory: Inventory | None = None) -> Profile:
+    """Find and validate a profile by name or path."""
+    base = Path(inventory.path).parent if inventory and inventory.path else None
+    path = profile_path(ref, base=base)
+    if not path.exists():
+        names = available_profiles()
+        close = difflib.get_close_matches(ref, names, n=1)
+        raise ConfigError(f"profile {ref!r} not found",
+                          file=inventory.path if inventory else None, field="deploy.profile",
+                          fix=f"did you mean {close[0]!r}?" if close else "available: " + ", ".join(names))
+    data = read_yaml(path)
+    at = _root(data, str(path))
+    profile = _build(Profile, data, at)
+    _check_engine_args(profile.engine_args, at.child("engine_args", data))
+    return dataclasses.replace(profile, path=str(path))
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; values are read as YAML scalars (0.95, true, 4096)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE", fix="e.g. --set gpu-memory-utilization=0.95")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        if not isinstance(value, (str, int, float, bool)):
+            value = raw
+        out[key.strip()] = value
+    _check_engine_args(out, _At("--set", "", None))
+    return out

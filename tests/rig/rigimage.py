@@ -1,0 +1,363 @@
+# gpucluster test rig: Debian packages, olah venv, and the vLLM stand-in images (built here, pushed to the rig registry storage).
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from rigutil import CACHE, HERE, REPO, log, run, stage, wait_for
+
+APT_PACKAGES = ["docker.io", "openssh-server", "openssh-client", "iproute2", "debootstrap", "docker-registry",
+                "iptables", "rsync", "curl", "git", "ca-certificates", "procps", "util-linux", "python3",
+                "python3-venv"]
+OLAH_REQ = "olah==0.5.4"
+
+# Versions the images carry when cluster/knowledge/vllm/*.json does not exist yet.
+DEFAULT_VERSIONS = ["0.3.0", "0.6.3", "0.10.1.1", "0.33.0"]
+BASE_INCLUDE = "python3,python3-pip,python3-venv,iproute2,procps,curl,ca-certificates"
+PIP_REQS = ["ray==2.60.0", "huggingface_hub<1.0", "modelscope"]
+BASE_REV = "1"  # bump to force a rebuild of the base image
+IMAGE_REPO = "vllm/vllm-openai"
+SETUP_REGISTRY = "127.0.0.1:5999"
+
+BUILDER_RUN = "/run/gcrig-builder"
+BUILDER_SOCK = BUILDER_RUN + "/docker.sock"
+
+SM_OLD = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+SM_NEW = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+
+
+def vkey(v):
+    return tuple(int(x) if x.isdigit() else 0 for x in v.split("."))
+
+
+def version_traits(v):
+    """torch/CUDA/arch list and entrypoint per vLLM version (values from vllm-facts.md)."""
+    k = vkey(v)
+    if k < (0, 4):
+        t = {"torch": "2.1.2", "cuda": "12.1", "arch": SM_OLD}
+    elif k < (0, 7):
+        t = {"torch": "2.4.0", "cuda": "12.1", "arch": SM_OLD}
+    elif k < (0, 20):
+        t = {"torch": "2.7.1", "cuda": "12.8", "arch": SM_NEW}
+    else:
+        t = {"torch": "2.11.0", "cuda": "13.0", "arch": SM_NEW}
+    # Upstream images use the module entrypoint through at least 0.8.x; 0.10.x unconfirmed (kept on the module).
+    t["serve_entrypoint"] = k >= (0, 11)
+    return t
+
+
+def knowledge_dir():
+    return os.path.join(REPO, "cluster", "knowledge", "vllm")
+
+
+def versions():
+    found = sorted((os.path.basename(p)[:-5] for p in glob.glob(os.path.join(knowledge_dir(), "*.json"))
+                    if os.path.basename(p)[0].isdigit()), key=vkey)
+    vs = set(found) | {"0.3.0", "0.6.3", "0.10.1.1"}
+    newest = DEFAULT_VERSIONS[-1]
+    if not any(vkey(v) >= vkey(newest) for v in found):
+        vs.add(newest)  # built from the rig's placeholder table until the project has one
+    return sorted(vs, key=vkey)
+
+
+def knowledge(v):
+    """The flag table for a version: the project's own, else the rig's placeholder."""
+    for p in (os.path.join(knowledge_dir(), v + ".json"),
+              os.path.join(HERE, "image", "knowledge-placeholder", v + ".json")):
+        if os.path.exists(p):
+            with open(p) as f:
+                return json.load(f), p
+    # nearest older placeholder
+    ph = sorted(glob.glob(os.path.join(HERE, "image", "knowledge-placeholder", "*.json")),
+                key=lambda p: vkey(os.path.basename(p)[:-5]))
+    best = [p for p in ph if vkey(os.path.basename(p)[:-5]) <= vkey(v)] or ph
+    with open(best[-1]) as f:
+        return json.load(f), best[-1]
+
+
+# ---------------------------------------------------------------- packages
+def ensure_packages():
+    missing = []
+    for p in APT_PACKAGES:
+        r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True)
+        if "install ok installed" not in r.stdout:
+            missing.append(p)
+    if not missing:
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "update", "-q"], env=env)
+    run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
+         "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"] + missing, env=env)
+    # Debian may start the packaged services: the rig runs its own daemons only.
+    for svc in ("docker", "ssh", "docker-registry"):
+        subprocess.run(["service", svc, "stop"], capture_output=True)
+
+
+def olah_venv():
+    return os.path.join(CACHE, "olah-venv")
+
+
+def ensure_olah():
+    venv = olah_venv()
+    cli = os.path.join(venv, "bin", "olah-cli")
+    if os.path.exists(cli):
+        return cli
+    run([sys.executable, "-m", "venv", venv])
+    run([os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check",
+         "--cache-dir", os.path.join(CACHE, "pip-cache"), OLAH_REQ], quiet=True)
+    return cli
+
+
+# ---------------------------------------------------------------- builder daemon + setup registry
+class Builder:
+    """A throwaway dockerd in the root namespace (no networking of its own) plus a loopback registry
+    on the rig registry's storage; used only while images are built."""
+
+    def __init__(self):
+        self.procs = []
+
+    def __enter__(self):
+        os.makedirs(BUILDER_RUN, exist_ok=True)
+        self._kill_stale()
+        data = os.path.join(CACHE, "builder-docker")
+        os.makedirs(data, exist_ok=True)
+        logf = open(os.path.join(CACHE, "builder-dockerd.log"), "ab")
+        self.procs.append(subprocess.Popen(
+            ["dockerd", "--data-root", data, "--exec-root", BUILDER_RUN + "/exec", "--pidfile",
+             BUILDER_RUN + "/docker.pid", "-H", "unix://" + BUILDER_SOCK, "--bridge=none", "--iptables=false",
+             "--ip-forward=false", "--ip-masq=false", "--ip6tables=false"],
+            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True))
+        conf = os.path.join(BUILDER_RUN, "registry.yml")
+        write_registry_config(conf, SETUP_REGISTRY)
+        rlog = open(os.path.join(CACHE, "setup-registry.log"), "ab")
+        self.procs.append(subprocess.Popen(["docker-registry", "serve", conf], stdout=rlog, stderr=rlog,
+                                           stdin=subprocess.DEVNULL, start_new_session=True))
+        with open(BUILDER_RUN + "/pids", "w") as f:
+            f.write(" ".join(str(p.pid) for p in self.procs))
+        wait_for(lambda: self.docker("version", check=False, quiet=True).returncode == 0, 60, "builder dockerd")
+        wait_for(lambda: subprocess.run(["curl", "-sf", "http://%s/v2/" % SETUP_REGISTRY],
+                                        capture_output=True).returncode == 0, 30, "setup registry")
+        return self
+
+    def _kill_stale(self):
+        p = BUILDER_RUN + "/pids"
+        if os.path.exists(p):
+            for pid in open(p).read().split():
+                try:
+                    os.kill(int(pid), 15)
+                except (ProcessLookupError, ValueError):
+                    pass
+            time.sleep(2)
+
+    def __exit__(self, *a):
+        for p in reversed(self.procs):
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        try:
+            os.unlink(BUILDER_RUN + "/pids")
+        except FileNotFoundError:
+            pass
+
+    def docker(self, *args, check=True, quiet=False, **kw):
+        return run(["docker", "-H", "unix://" + BUILDER_SOCK] + list(args), check=check, quiet=quiet, **kw)
+
+
+def write_registry_config(path, addr):
+    storage = os.path.join(CACHE, "registry")
+    os.makedirs(storage, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n"
+                "storage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\n"
+                "http:\n  addr: %s\n" % (storage, addr))
+
+
+def registry_has(tag):
+    return os.path.exists(os.path.join(CACHE, "registry", "docker", "registry", "v2", "repositories",
+                                       IMAGE_REPO, "_manifests", "tags", tag, "current", "link"))
+
+
+# ---------------------------------------------------------------- base image
+def base_key():
+    return hashlib.sha256(json.dumps([BASE_INCLUDE, PIP_REQS, BASE_REV]).encode()).hexdigest()[:12]
+
+
+def ensure_wheels():
+    wheels = os.path.join(CACHE, "wheels")
+    stamp = os.path.join(wheels, ".complete-" + hashlib.sha256(json.dumps(PIP_REQS).encode()).hexdigest()[:12])
+    if os.path.exists(stamp):
+        return wheels
+    os.makedirs(wheels, exist_ok=True)
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", wheels,
+         "--cache-dir", os.path.join(CACHE, "pip-cache")] + PIP_REQS, quiet=True)
+    open(stamp, "w").close()
+    return wheels
+
+
+def ensure_debootstrap_tarball():
+    tb = os.path.join(CACHE, "debootstrap-bookworm-minbase-%s.tgz"
+                      % hashlib.sha256(BASE_INCLUDE.encode()).hexdigest()[:8])
+    if os.path.exists(tb):
+        return tb
+    work = tempfile.mkdtemp(prefix="gcrig-dbs-", dir=CACHE)
+    try:
+        run(["debootstrap", "--variant=minbase", "--include=" + BASE_INCLUDE, "--make-tarball=" + tb + ".part",
+             "bookworm", work, "http://deb.debian.org/debian"])
+        os.rename(tb + ".part", tb)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return tb
+
+
+def build_base(b, tag):
+    tb = ensure_debootstrap_tarball()
+    wheels = ensure_wheels()
+    root = tempfile.mkdtemp(prefix="gcrig-rootfs-", dir=CACHE)
+    try:
+        with stage("debootstrap (from cached tarball)"):
+            run(["debootstrap", "--variant=minbase", "--include=" + BASE_INCLUDE, "--unpack-tarball=" + tb,
+                 "bookworm", root, "http://deb.debian.org/debian"])
+        with stage("pip install into rootfs (offline)"):
+            shutil.copytree(wheels, os.path.join(root, "tmp", "wheels"))
+            with open(os.path.join(root, "etc", "resolv.conf"), "w") as f:
+                f.write("")
+            run(["chroot", root, "python3", "-m", "pip", "install", "-q", "--break-system-packages",
+                 "--no-index", "--find-links", "/tmp/wheels", "--disable-pip-version-check",
+                 "--no-cache-dir"] + PIP_REQS)
+            shutil.rmtree(os.path.join(root, "tmp", "wheels"))
+            for d in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
+                      "usr/share/info", "usr/share/locale", "root/.cache"):
+                p = os.path.join(root, d)
+                if os.path.isdir(p):
+                    for e in os.listdir(p):
+                        if e not in ("partial", "lock"):
+                            ep = os.path.join(p, e)
+                            shutil.rmtree(ep) if os.path.isdir(ep) and not os.path.islink(ep) else os.unlink(ep)
+            with open(os.path.join(root, "etc", "hostname"), "w") as f:
+                f.write("vllm\n")
+        with stage("docker import base"):
+            tar = subprocess.Popen(["tar", "-C", root, "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
+            b.docker("import", "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                     "--change", "ENV LANG=C.UTF-8", "-", tag, stdin=tar.stdout)
+            tar.stdout.close()
+            if tar.wait() != 0:
+                raise RuntimeError("tar of rootfs failed")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- stand-in layer per version
+def standin_files():
+    out = []
+    for base in ("vllm", "torch"):
+        for p in sorted(glob.glob(os.path.join(HERE, "image", base, "**", "*.py"), recursive=True)):
+            out.append(p)
+    out.append(os.path.join(HERE, "nvidia_smi.py"))
+    return out
+
+
+def tag_stamp(v):
+    h = hashlib.sha256(base_key().encode())
+    h.update(json.dumps(version_traits(v), sort_keys=True).encode())
+    kn, _src = knowledge(v)
+    h.update(json.dumps(kn, sort_keys=True).encode())
+    for p in standin_files():
+        h.update(p.encode())
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def stage_tree(v, dest):
+    site = os.path.join(dest, "usr", "local", "lib", "python3.11", "dist-packages")
+    for pkg in ("vllm", "torch"):
+        shutil.copytree(os.path.join(HERE, "image", pkg), os.path.join(site, pkg),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    kn, src = knowledge(v)
+    tr = version_traits(v)
+    with open(os.path.join(site, "vllm", "standin_build.json"), "w") as f:
+        json.dump({"version": v, "knowledge": kn, "knowledge_source": os.path.relpath(src, REPO),
+                   "traits": tr}, f, indent=1)
+    with open(os.path.join(site, "torch", "standin_build.json"), "w") as f:
+        json.dump({"torch": tr["torch"], "cuda": tr["cuda"], "arch": tr["arch"]}, f)
+    bindir = os.path.join(dest, "usr", "local", "bin")
+    os.makedirs(bindir, exist_ok=True)
+    if kn.get("serve_subcommand"):
+        with open(os.path.join(bindir, "vllm"), "w") as f:
+            f.write("#!/usr/bin/python3\n# stand-in for vLLM's console script (gpucluster test rig)\n"
+                    "import sys\nfrom vllm.scripts import main\nsys.exit(main())\n")
+        os.chmod(os.path.join(bindir, "vllm"), 0o755)
+    # nvidia-smi inside --gpus containers comes from the rig's runtime hook, not the image
+
+
+def ensure_images(force=False):
+    """Make sure the rig registry storage holds every vllm/vllm-openai:vX tag, current with the stand-in."""
+    stamps_path = os.path.join(CACHE, "image-stamps.json")
+    stamps = {}
+    if os.path.exists(stamps_path):
+        with open(stamps_path) as f:
+            stamps = json.load(f)
+    vs = versions()
+    want = {v: tag_stamp(v) for v in vs}
+    todo = [v for v in vs if force or stamps.get("v" + v) != want[v] or not registry_has("v" + v)]
+    if not todo:
+        log("images: all %d tags current in registry storage (%s)" % (len(vs), ", ".join("v" + v for v in vs)))
+        return vs
+    base = "gcrig-base:" + base_key()
+    with Builder() as b:
+        if b.docker("image", "inspect", base, check=False, quiet=True).returncode != 0:
+            with stage("build base image %s" % base):
+                build_base(b, base)
+        for v in todo:
+            with stage("stand-in layer v%s" % v):
+                tmp = tempfile.mkdtemp(prefix="gcrig-layer-")
+                name = "gcrig-build-" + v.replace(".", "-")
+                try:
+                    stage_tree(v, tmp)
+                    b.docker("rm", "-f", name, check=False, quiet=True)
+                    b.docker("create", "--name", name, base, "/bin/true", quiet=True)
+                    b.docker("cp", tmp + "/.", name + ":/", quiet=True)
+                    tr = version_traits(v)
+                    ep = '["vllm","serve"]' if tr["serve_entrypoint"] else \
+                        '["python3","-m","vllm.entrypoints.openai.api_server"]'
+                    ref = "%s/%s:v%s" % (SETUP_REGISTRY, IMAGE_REPO, v)
+                    b.docker("commit", "--change", "ENV VLLM_STANDIN_VERSION=" + v,
+                             "--change", "ENTRYPOINT " + ep, "--change", "CMD []",
+                             "--change", "WORKDIR /vllm-workspace",
+                             "--change", "LABEL org.gpucluster.rig.stamp=" + want[v], name, ref, quiet=True)
+                    b.docker("push", ref, quiet=True)
+                finally:
+                    b.docker("rm", "-f", name, check=False, quiet=True)
+                    shutil.rmtree(tmp, ignore_errors=True)
+            stamps["v" + v] = want[v]
+            with open(stamps_path, "w") as f:
+                json.dump(stamps, f, indent=1)
+        # the layer images are in the registry now; keep only the base in the builder
+        for v in todo:
+            b.docker("rmi", "%s/%s:v%s" % (SETUP_REGISTRY, IMAGE_REPO, v), check=False, quiet=True)
+        b.docker("image", "prune", "-f", check=False, quiet=True)
+    return vs
+
+
+def image_size():
+    """Uncompressed size of the base image (bytes) per the builder's metadata, if known."""
+    p = os.path.join(CACHE, "image-size.json")
+    return json.load(open(p)) if os.path.exists(p) else None
+
+
+def setup(force_images=False):
+    os.makedirs(CACHE, exist_ok=True)
+    with stage("apt packages"):
+        ensure_packages()
+    with stage("olah venv"):
+        ensure_olah()
+    with stage("images"):
+        ensure_images(force=force_images)
