@@ -398,7 +398,6 @@ MANAGED_FLAGS = {
     "model": "deploy.model", "tensor-parallel-size": "deploy.tensor_parallel",
     "pipeline-parallel-size": "deploy.pipeline_parallel", "served-model-name": "deploy.served_model_name",
     "port": "deploy.port", "host": "(gpucluster binds 0.0.0.0)", "api-key": "deploy.api_key",
-    "worker-use-ray": "(chosen per engine version)", "distributed-executor-backend": "(chosen per engine version)",
 }
 
 

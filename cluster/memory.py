@@ -64,19 +64,20 @@ def estimate(*, model: ModelFacts, tp: int, pp: int, gpu_mib: int, args: dict, b
     tokens = batched_tokens(batched_rule, max_len, args)
 
     # Weights: the heaviest pipeline stage (the last one takes the remainder layers), split over TP.
-    if args.get("quantization"):
-        layer_bytes = (model.weight_bytes - model.embed_params * 2) / model.layers
-        embed_bytes = model.vocab * model.hidden * 2
-    else:
-        layer_bytes = (model.params - model.embed_params) / model.layers * nbytes
-        embed_bytes = model.vocab * model.hidden * nbytes
+    # bitsandbytes quantizes a 16-bit checkpoint in flight (~4.5 bits a weight); a pre-quantized
+    # checkpoint (awq, gptq, ...) occupies what its files hold; embeddings stay 16-bit.
+    quant = str(args.get("quantization") or "")
+    per_param = {"bitsandbytes": 0.56, "fp8": 1.0}.get(quant, DTYPE_BYTES.get(model.dtype, 2) if quant else nbytes)
+    layer_bytes = (model.params - model.embed_params) / model.layers * per_param
+    embed_bytes = model.vocab * model.hidden * nbytes
     base = model.layers // pp
     last = base + model.layers % pp
     if pp == 1:
         stage = model.layers * layer_bytes + embed_bytes * (1 if model.tie_embeddings else 2)
     else:
         stage = max(base * layer_bytes, last * layer_bytes) + embed_bytes
-    weights = int(stage / tp)
+    offload = float(args.get("cpu-offload-gb", 0)) * GIB
+    weights = max(0, int(stage / tp - offload))
 
     # Profile peak: hidden states, QKV and MLP activations of the dummy batch, plus fp32 logits.
     per_token = (4 * model.hidden + (model.heads + 2 * model.kv_heads) * model.head_dim / tp

@@ -223,7 +223,7 @@ def api_argv(s: Setup, served_name: str, port: int) -> tuple[str, ...]:
              "--tensor-parallel-size", str(s.tp)]
     if s.pp > 1:
         argv += ["--pipeline-parallel-size", str(s.pp)]
-    if s.tp * s.pp > 1:
+    if s.tp * s.pp > 1 and not {"worker-use-ray", "distributed-executor-backend"} & set(s.args):
         argv += list(e.executor_args)
     for name, value in s.args.items():
         if value is False or value is None:

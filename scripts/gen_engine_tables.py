@@ -461,6 +461,8 @@ class Interp:
                     return FuncRef(c.mod, st, owner=c)
                 if "classmethod" in decos:
                     return FuncRef(c.mod, st, owner=c, bound=bound or c)
+                if isinstance(bound, ClassRef):   # plain method looked up on a class: unbound
+                    return FuncRef(c.mod, st, owner=c)
                 if "property" in decos:
                     return UNKNOWN
                 return FuncRef(c.mod, st, owner=c, bound=bound)
@@ -476,7 +478,7 @@ class Interp:
                 return self.field_default(st.value, c.mod)
         for b in self.class_bases(c):
             if isinstance(b, ClassRef):
-                v = self.class_attr(b, attr, bound=bound or None, _seen=_seen)
+                v = self.class_attr(b, attr, bound=bound, _seen=_seen)
                 if v is not UNKNOWN:
                     return v
         return UNKNOWN
@@ -758,7 +760,7 @@ class Interp:
                 return base.name
             if attr == "__doc__":
                 return ""
-            return self.class_attr(base, attr)
+            return self.class_attr(base, attr, bound=base)
         if isinstance(base, SuperRef):
             for b in self.class_bases(base.cls):
                 if isinstance(b, ClassRef):
@@ -1035,7 +1037,7 @@ class Interp:
             o = v.origin
             on = o.name if isinstance(o, Ext) else getattr(o, "name", "")
             short = on.split(".")[-1]
-            if short == "Annotated":
+            if short in ("Annotated", "SkipValidation"):
                 return self.hints_of(v.args[0], depth + 1)
             if short == "Optional":
                 return self.hints_of(v.args[0], depth + 1) | {("none",)}
