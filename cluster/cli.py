@@ -86,7 +86,18 @@ def render_sh(p) -> str:
             lines.append(f"# ---- {s.phase} on {where}")
             current = (s.host, s.phase)
         lines.append(f"# {s.reason}")
-        if s.phase == "ready":
+        if s.phase == "image" and s.argv[1] == "tag":
+            continue
+        if s.phase == "image":
+            image = p.profile.image
+            refs = " ".join(shlex.quote(a[-1]) for a in (s.argv, *s.fallbacks))
+            lines.append(f"for ref in {refs}; do docker pull \"$ref\" && {{ [ \"$ref\" = {shlex.quote(image)} ] || "
+                         f"docker tag \"$ref\" {shlex.quote(image)}; }} && break; done")
+            lines.append(f"docker image inspect {shlex.quote(image)} > /dev/null")
+        elif s.phase == "api" and p.api.env_file:
+            lines.append(f"# first: install -m 600 /dev/null {p.api.env_file}; echo VLLM_API_KEY=... > {p.api.env_file}")
+            lines.append(s.shell())
+        elif s.phase == "ready":
             lines.append(f"until {shlex.join(s.argv)}; do sleep 10; done")
         else:
             lines.append(s.shell())
@@ -119,6 +130,179 @@ def plan(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, mod
     else:
         sys.stdout.write(render_table(p) + "\n")
     raise typer.Exit(1 if p.verdict == "fail" else 0)
+
+
+AcceptOpt = typer.Option(False, "--accept-new-host-keys", help="trust and record unknown SSH host keys")
+YesOpt = typer.Option(False, "--yes", "-y", help="do not ask for confirmation")
+
+
+def _progress(quiet: bool):
+    return (lambda s: None) if quiet else (lambda s: err(f"gpucluster: {s}"))
+
+
+def _confirm(yes: bool, question: str) -> None:
+    from .errors import ConfigError
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise ConfigError(f"{question}: refusing without --yes when stdin is not a terminal", fix="add --yes")
+    if not typer.confirm(question, default=False, err=True):
+        raise typer.Exit(1)
+
+
+@app.command()
+def probe(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = AcceptOpt) -> None:
+    """Connect to every host in parallel, gather facts, compare them with the inventory."""
+    from . import config, core, facts
+    inv = config.load_inventory(inventory)
+    probed = core.probe(inv, accept_new_host_keys=accept)
+    bad = {h.name: facts.contradictions(h, probed[h.name]) for h in inv.hosts}
+    if json_:
+        _emit({"hosts": {n: f.as_dict() for n, f in probed.items()}, "contradictions": bad})
+    else:
+        for h in inv.hosts:
+            f = probed[h.name]
+            if not f.reachable:
+                sys.stdout.write(f"{h.name:12} {h.address:15} UNREACHABLE: {f.error}\n")
+                continue
+            gpus = f"{len(f.gpus)} x {f.gpus[0].name} {f.gpus[0].memory_mib} MiB cc {f.gpus[0].compute_capability} " \
+                   f"driver {f.gpus[0].driver}" if f.gpus else "no GPUs"
+            disk = f"{f.disk_free / 1e9:.1f} GB free at {f.disk_path}" if f.disk_free is not None else "disk ?"
+            sys.stdout.write(f"{h.name:12} {h.address:15} {f.os}, {f.kernel}, docker {f.docker_version or '-'}"
+                             f"{' (gpu runtime)' if f.gpu_runtime else ''}\n{'':28} {gpus}; {disk}; nic "
+                             f"{f.interface or '?'}; route src {f.route_src or 'none'}; clock "
+                             f"{f.clock_offset if f.clock_offset is not None else '?'} s\n")
+            for c in bad[h.name]:
+                sys.stdout.write(f"{'':28} MISMATCH {c}\n")
+    raise typer.Exit(3 if any(bad.values()) else 0)
+
+
+@app.command()
+def up(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, model: Optional[str] = ModelOpt,
+       tp: Optional[int] = TpOpt, pp: Optional[int] = PpOpt, hosts: Optional[str] = HostsOpt,
+       set_: Optional[List[str]] = typer.Option(None, "--set", help="engine arg override KEY=VALUE (repeatable)"),
+       yes: bool = YesOpt, dry_run: bool = typer.Option(False, "--dry-run", help="print phases and commands only"),
+       json_: bool = JsonOpt, accept: bool = AcceptOpt,
+       ready_timeout: float = typer.Option(1800, "--ready-timeout", help="seconds to wait for the model to load"),
+       quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr")) -> None:
+    """Probe, pull, deliver the model, start Ray and the API server, wait until it answers."""
+    from . import config, core
+    inv, prof = core.load(inventory, profile=profile, model=model, hosts=_hosts(hosts))
+    sets = config.parse_set(set_ or [])
+    if dry_run:
+        p = core.make_plan(inv, prof, tp=tp, pp=pp, sets=sets)
+        _emit(p.as_dict()) if json_ else sys.stdout.write(render_table(p) + "\n")
+        raise typer.Exit(1 if p.verdict == "fail" else 0)
+    report = core.up(inv, prof, tp=tp, pp=pp, sets=sets, progress=_progress(quiet or json_),
+                     accept_new_host_keys=accept, ready_timeout=ready_timeout)
+    if json_:
+        _emit(report.as_dict())
+        return
+    p = report.plan
+    auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if inv.deploy.api_key is not None else ""
+    body = json.dumps({"model": p.served_name, "messages": [{"role": "user", "content": "Hello"}]})
+    sys.stdout.write(f"endpoint: {p.endpoint}\nmodel: {p.served_name}\n"
+                     f"phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items()) + "\n"
+                     f"try: curl {p.endpoint}/chat/completions -H 'Content-Type: application/json'{auth} "
+                     f"-d {shlex.quote(body)}\n")
+
+
+@app.command()
+def down(inventory: str = InventoryArg, purge_model: bool = typer.Option(False, "--purge-model",
+         help="also delete the model files on the hosts"), yes: bool = YesOpt, json_: bool = JsonOpt,
+         accept: bool = AcceptOpt) -> None:
+    """Stop the API server, the workers, then the head; remove exactly this cluster's containers."""
+    from . import config, core
+    inv, prof = core.load(inventory)
+    _confirm(yes, f"remove every gpucluster container of cluster {inv.cluster.name!r} on {len(inv.hosts)} host(s)"
+             + (" and the model files" if purge_model else ""))
+    report = core.down(inv, prof, purge_model=purge_model, progress=_progress(json_), accept_new_host_keys=accept)
+    if json_:
+        _emit({"hosts": report})
+    else:
+        for host, done in report.items():
+            sys.stdout.write(f"{host}: {', '.join(done) if done else 'nothing to remove'}\n")
+
+
+@app.command()
+def status(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = AcceptOpt) -> None:
+    """Containers per host, Ray nodes and GPUs, API health; exit 0 only when all is healthy."""
+    from . import core
+    inv, prof = core.load(inventory)
+    healthy, out = core.status(inv, prof, accept_new_host_keys=accept)
+    if json_:
+        _emit(out)
+    else:
+        for name, h in out["hosts"].items():
+            if not h["reachable"]:
+                sys.stdout.write(f"{name}: UNREACHABLE {h['error']}\n")
+                continue
+            cs = ", ".join(f"{c['role']} {c['state']} ({c['id']})" for c in h["containers"]) or "no containers"
+            sys.stdout.write(f"{name}: {cs}\n")
+        sys.stdout.write(f"ray: {len(out['ray']['nodes'])} nodes, {out['ray']['gpus']:g} GPUs\n"
+                         f"api: {'healthy' if out['api']['health'] else 'not answering'}"
+                         f"{', serving ' + ', '.join(out['api']['models']) if out['api']['models'] else ''}\n")
+        for problem in out["problems"]:
+            sys.stdout.write(f"PROBLEM {problem}\n")
+        sys.stdout.write(f"{'healthy' if healthy else 'unhealthy'}: {out['endpoint']}\n")
+    raise typer.Exit(0 if healthy else 1)
+
+
+@app.command()
+def logs(inventory: str = InventoryArg, host: Optional[str] = typer.Option(None, "--host"),
+         component: Optional[str] = typer.Option(None, "--component", help="api | ray-head | ray-worker"),
+         follow: bool = typer.Option(False, "--follow", "-f"), tail: int = typer.Option(100, "--tail", min=0)) -> None:
+    """Logs from the hosts' containers, each line prefixed by host and component."""
+    from . import config, core
+    if component not in (None, "api", "ray-head", "ray-worker"):
+        raise config.ConfigError(f"--component {component!r}: use api, ray-head or ray-worker")
+    inv, prof = core.load(inventory)
+    lock = __import__("threading").Lock()
+
+    def sink(line: str) -> None:
+        with lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+    try:
+        code = core.logs(inv, prof, host=host, component=component, tail=tail, follow=follow, sink=sink)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(0 if code == 0 else 1)
+
+
+@app.command()
+def doctor(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = AcceptOpt) -> None:
+    """Probe the hosts and re-plan with what was measured: every problem `up` would hit, changing nothing."""
+    from . import core
+    inv, prof = core.load(inventory)
+    p, found = core.doctor(inv, prof, accept_new_host_keys=accept)
+    unreachable = [n for n, h in found["hosts"].items() if not h["reachable"]]
+    if json_:
+        _emit({**p.as_dict(), **found})
+    else:
+        for name, issues in found["contradictions"].items():
+            for c in issues:
+                sys.stdout.write(f"{name}: {c}\n")
+        sys.stdout.write(render_table(p) + "\n")
+    raise typer.Exit(3 if unreachable else (1 if p.verdict == "fail" else 0))
+
+
+model_app = typer.Typer(help="Model files on the hosts.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("pull")
+def model_pull(inventory: str = InventoryArg, model: Optional[str] = ModelOpt, json_: bool = JsonOpt,
+               accept: bool = AcceptOpt) -> None:
+    """Put the model on every host that needs it (the model phase of `up`, alone)."""
+    from . import core
+    inv, prof = core.load(inventory, model=model)
+    result = core.model_pull(inv, prof, progress=_progress(json_), accept_new_host_keys=accept)
+    if json_:
+        _emit({"hosts": result})
+    else:
+        for host, what in result.items():
+            sys.stdout.write(f"{host}: {what}\n")
 
 
 def main() -> None:

@@ -252,7 +252,7 @@ def _steps(s: Setup, containers: dict[str, ContainerSpec], api: ApiSpec, served:
                           reason=f"pull {prof.image} through the registry mirrors in order (skipped when present)"))
         if len(refs) > 1:
             steps.append(Step(host=h.name, phase="image", argv=("docker", "tag", refs[0], prof.image),
-                              reason="retag the mirror's copy to the canonical name every host runs"))
+                              reason="retag the copy from whichever mirror answered to the canonical name every host runs"))
     src = inv.deploy.source
     for h in s.hosts:
         host_path, _ = model_paths(inv, h)

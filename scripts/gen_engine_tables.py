@@ -254,8 +254,10 @@ class Parser:
         else:
             choices = None
         ctype = None if not value else type_name(kw.get("type"))
-        if value and ctype is None and "type" not in kw and aname in (None, "store", "append", "extend"):
-            ctype = "str"
+        if value and ctype is None:
+            # argparse hands the raw string over (a lambda converter also takes a str);
+            # vLLM's StoreBoolean action parses "true"/"false"
+            ctype = "bool" if aname and "Boolean" in aname else "str"
         spec = {"value": value, "choices": choices or None, "type": ctype,
                 "nargs": nargs if isinstance(nargs, (int, str)) else None}
         for o in opts:
@@ -1240,8 +1242,9 @@ def env_vars(w: Wheel) -> list[str]:
                     and ast.unparse(node.value).endswith("environ") \
                     and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
                 names.add(node.slice.value)
-            # "X" in os.environ
-            if isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant) \
+            # `"X" in os.environ` alone is not a read: 0.10+ only tests HOST_IP to warn
+            # that it is ignored.  Names tested and read elsewhere are caught above.
+            if False and isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant) \
                     and isinstance(node.left.value, str) \
                     and any(ast.unparse(c).endswith("environ") for c in node.comparators):
                 names.add(node.left.value)

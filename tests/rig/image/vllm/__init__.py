@@ -1,0 +1,2 @@
+# Stand-in for vLLM (which needs GPUs), used only to test gpucluster's orchestration; not an inference engine.
+from vllm.standin import VERSION as __version__  # noqa: F401
