@@ -1242,12 +1242,8 @@ def env_vars(w: Wheel) -> list[str]:
                     and ast.unparse(node.value).endswith("environ") \
                     and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
                 names.add(node.slice.value)
-            # `"X" in os.environ` alone is not a read: 0.10+ only tests HOST_IP to warn
-            # that it is ignored.  Names tested and read elsewhere are caught above.
-            if False and isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant) \
-                    and isinstance(node.left.value, str) \
-                    and any(ast.unparse(c).endswith("environ") for c in node.comparators):
-                names.add(node.left.value)
+            # `"X" in os.environ` alone is not counted as a read: 0.10+ tests HOST_IP only
+            # to warn that it is ignored.  Names that are tested and also read are caught above.
         if n == "vllm/envs.py":
             for node in ast.walk(tree):
                 target = None

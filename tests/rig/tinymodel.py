@@ -20,14 +20,14 @@ CONFIG = {
     "bos_token_id": 1,
     "eos_token_id": 2,
     "hidden_act": "silu",
-    "hidden_size": 256,
+    "hidden_size": 384,
     "initializer_range": 0.02,
-    "intermediate_size": 512,
+    "intermediate_size": 768,
     "max_position_embeddings": 4096,
-    "max_window_layers": 2,
+    "max_window_layers": 6,
     "model_type": "qwen2",
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 6,
     "num_key_value_heads": 2,
     "rms_norm_eps": 1e-06,
     "rope_theta": 10000.0,
@@ -37,7 +37,7 @@ CONFIG = {
     "transformers_version": "4.37.0",
     "use_cache": True,
     "use_sliding_window": False,
-    "vocab_size": 4096,
+    "vocab_size": 4224,
 }
 
 GENERATION_CONFIG = {
@@ -157,8 +157,8 @@ tags: [qwen2, test-fixture]
 ---
 # gpucluster/tiny-qwen2
 
-A tiny, randomly initialised Qwen2 checkpoint (2 layers, hidden 256, 4 heads, 2 KV heads,
-vocab 4096, float16) generated deterministically by gpucluster's test rig
+A tiny, randomly initialised Qwen2 checkpoint (6 layers, hidden 384, 12 heads, 2 KV heads,
+vocab 4224, float16: divisible for TP 1/2/3/4/6 and PP 1/2/3) generated deterministically by gpucluster's test rig
 (tests/rig/tinymodel.py, seed %d). It exists to test download and orchestration paths;
 its outputs are meaningless.
 """ % SEED
