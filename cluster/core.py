@@ -248,8 +248,12 @@ class Cluster:
         if not r.ok or not re.fullmatch(r"\d+ [0-9a-f]+", r.stdout.strip()):
             return None
         pid, spec = r.stdout.split()
-        alive = self.hosts.run(self.head, ["docker", "exec", name, "kill", "-0", pid]).ok
-        return (int(pid), spec) if alive else None
+        return (int(pid), spec) if self._alive(pid) else None
+
+    def _alive(self, pid: str) -> bool:
+        """The process exists and is not a zombie (the container's PID 1 may not reap it)."""
+        script = 'test -d "/proc/$0" && ! grep -q "^State:.*Z" "/proc/$0/status"'
+        return self.hosts.run(self.head, ["docker", "exec", self.plan.api.container, "sh", "-c", script, pid]).ok
 
     def ensure_api(self, report: UpReport) -> bool:
         api, name = self.plan.api, self.plan.api.container
@@ -259,11 +263,13 @@ class Cluster:
             return False
         if state:
             self.progress(f"{self.head.name}: api: spec changed ({state[1]} -> {api.spec_hash}); restarting")
-            self.hosts.run(self.head, ["docker", "exec", name, "kill", str(state[0])])
+            self.hosts.run(self.head, ["docker", "exec", name, "sh", "-c", 'kill "$0"', str(state[0])])
             for _ in range(30):
-                if not self.hosts.run(self.head, ["docker", "exec", name, "kill", "-0", str(state[0])]).ok:
+                if not self._alive(str(state[0])):
                     break
                 time.sleep(1)
+            else:
+                self.hosts.run(self.head, ["docker", "exec", name, "sh", "-c", 'kill -9 "$0"', str(state[0])])
         self.hosts.check(self.head, api.exec_argv())
         report.act(self.head.name, "start api" if not state else "restart api")
         return True
