@@ -232,7 +232,7 @@ def flags_supported(s: Setup) -> Iterator[Finding]:
                           message=f"vLLM {s.engine.version}: --{name} {value} is not one of "
                                   f"{', '.join(map(str, flag.choices))}",
                           fix=f"set {name} to one of: {', '.join(map(str, flag.choices))}")
-        elif value is True and flag.value:
+        elif value is True and flag.value and not flag.bare_ok:
             yield Finding(code="unsupported-flag", severity=ERROR,
                           message=f"--{name} takes a value in vLLM {s.engine.version}, got a bare flag (true)",
                           fix=f"give {name} a value")

@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 class Flag:
     value: bool                 # takes a value (False: a bare switch)
     choices: tuple | None = None
+    bare_ok: bool = False       # nargs="?": may also stand alone
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,8 +78,8 @@ def engine(version: str) -> Engine:
         raise ConfigError(f"no engine data for vLLM {version}", field="profile.version",
                           fix="use one of: " + ", ".join(known_versions()))
     table = json.loads(table_path.read_text())
-    flags = {name: Flag(value=bool(f.get("value")), choices=tuple(f["choices"]) if f.get("choices") else None)
-             for name, f in table["flags"].items()}
+    flags = {name: Flag(value=bool(f.get("value")), choices=tuple(f["choices"]) if f.get("choices") else None,
+                        bare_ok=f.get("nargs") == "?") for name, f in table["flags"].items()}
     return Engine(
         version=version,
         entrypoint=tuple(traits["entrypoint"]),

@@ -42,10 +42,14 @@ def link_exists(name):
     return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
 
 
-def spawn(ns, cmd, logfile, env=None):
-    """Start a daemon inside a network namespace (nsenter --net, not `ip netns exec`: see rig-facts)."""
+def spawn(ns, cmd, logfile, env=None, hostname=None):
+    """Start a daemon inside a network namespace (nsenter --net, not `ip netns exec`: see rig-facts);
+    with hostname, also in its own UTS namespace so the host has its own `hostname`."""
     f = open(logfile, "ab")
-    full = ["nsenter", "--net=/run/netns/" + ns] + cmd
+    full = ["nsenter", "--net=/run/netns/" + ns]
+    if hostname:
+        full += ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname]
+    full += cmd
     p = subprocess.Popen(full, stdout=f, stderr=f, stdin=subprocess.DEVNULL, start_new_session=True,
                          env=env or clean_env(), close_fds=True)
     f.close()
@@ -245,7 +249,7 @@ def setup_host(d, i, name, a):
                 "PermitRootLogin prohibit-password\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
                 "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nAuthorizedKeysFile %s\n"
                 "PrintMotd no\nMaxStartups 100:30:200\nMaxSessions 100\nAcceptEnv LANG LC_*\n"
-                "SetEnv DOCKER_HOST=%s PATH=%s GPUCLUSTER_RIG_HOST=%s\n"
+                "SetEnv DOCKER_HOST=%s PATH=%s GPUCLUSTER_RIG_HOST=%s SHLVL=1\n"
                 "Subsystem sftp /usr/lib/openssh/sftp-server\n"
                 % (name, host_addr(i), p["hostkey"], p["sshd_pid"], os.path.join(d, "authorized_keys"),
                    docker_host, path, name))
@@ -254,13 +258,13 @@ def setup_host(d, i, name, a):
 
 def start_host(d, i, name, p, st):
     ns = NS_PREFIX + name
-    st["pids"].append(spawn(ns, ["/usr/sbin/sshd", "-D", "-e", "-f", p["sshd_conf"]], p["sshd_log"]))
+    st["pids"].append(spawn(ns, ["/usr/sbin/sshd", "-D", "-e", "-f", p["sshd_conf"]], p["sshd_log"], hostname=name))
     denv = clean_env(PATH=p["daemon_bin"] + ":" + SYS_PATH)
     st["dockerd"].append({"host": name, "sock": p["sock"], "pid": spawn(ns, [
         "dockerd", "--data-root", p["data_root"], "--exec-root", p["exec_root"], "--pidfile", p["pidfile"],
         "-H", "unix://" + p["sock"], "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip6tables=false",
         "--userland-proxy=false", "--insecure-registry", "%s:%d" % (SERVICES["reg"], REGISTRY_PORT),
-        "--log-driver", "json-file", "--log-opt", "max-size=20m"], p["dockerd_log"], env=denv)})
+        "--log-driver", "json-file", "--log-opt", "max-size=20m"], p["dockerd_log"], env=denv, hostname=name)})
 
 
 def docker_ok(sock):
@@ -351,10 +355,11 @@ def up(a):
     with stage("wait for daemons"):
         wait_for(lambda: in_ns_curl_ok(NS_PREFIX + "reg", "http://%s:%d/v2/" % (SERVICES["reg"], REGISTRY_PORT)),
                  30, "registry")
-        wait_for(lambda: in_ns_curl_ok(NS_PREFIX + "ms", "http://%s:%d/api/v1/models/%s/repo/files?Revision=master"
-                                       % (SERVICES["ms"], MS_PORT, model["id"])), 30, "modelscope server")
-        wait_for(lambda: in_ns_curl_ok(NS_PREFIX + "hf", "http://%s:%d/api/models/%s/revision/main"
-                                       % (SERVICES["hf"], HF_PORT, model["id"])), 60, "olah")
+        # probes that leave the mirrors' access logs empty for tests
+        wait_for(lambda: tcp_ok(NS_PREFIX + "ms", SERVICES["ms"], MS_PORT), 30, "modelscope server")
+        wait_for(lambda: in_ns_curl_ok(NS_PREFIX + "hf", "http://127.0.0.1:%d/api/models/%s/revision/main"
+                                       % (OLAH_PORT, model["id"])), 60, "olah")
+        wait_for(lambda: tcp_ok(NS_PREFIX + "hf", SERVICES["hf"], HF_PORT), 30, "hf access-log proxy")
         for h in hosts:
             wait_for(lambda: tcp_ok(h["netns"], h["address"], 22), 30, "sshd on " + h["name"])
         for h in hosts:
