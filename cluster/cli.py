@@ -71,11 +71,17 @@ def render_table(p) -> str:
     return "\n".join(out)
 
 
+def _comment(text: str) -> str:
+    """Text safe inside a `#` comment: a newline from YAML must never end it."""
+    return " ".join(str(text).split())
+
+
 def render_sh(p) -> str:
     """A commented bash runbook, a section per host, that performs the same bring-up by hand."""
-    lines = ["#!/usr/bin/env bash", f"# gpucluster runbook for cluster {p.inventory.cluster.name}: "
-             f"{p.profile.image}, {p.inventory.deploy.model}, TP {p.topology.tp} x PP {p.topology.pp}",
-             f"# verdict: {p.verdict}" + "".join(f"\n#   {f.severity} {f.code}: {f.message}" for f in p.findings),
+    lines = ["#!/usr/bin/env bash", "# " + _comment(f"gpucluster runbook for cluster {p.inventory.cluster.name}: "
+             f"{p.profile.image}, {p.inventory.deploy.model}, TP {p.topology.tp} x PP {p.topology.pp}"),
+             f"# verdict: {p.verdict}" + "".join(f"\n#   {_comment(f'{f.severity} {f.code}: {f.message}')}"
+                                               for f in p.findings),
              "# Run each section on its host, in order; wait for each phase before the next.", "set -euo pipefail", ""]
     current = None
     for s in p.steps:
@@ -85,7 +91,7 @@ def render_sh(p) -> str:
                 where += f" ({p.host(s.host).address})"
             lines.append(f"# ---- {s.phase} on {where}")
             current = (s.host, s.phase)
-        lines.append(f"# {s.reason}")
+        lines.append(f"# {_comment(s.reason)}")
         if s.phase == "image" and s.argv[1] == "tag":
             continue
         if s.phase == "image":

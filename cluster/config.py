@@ -93,7 +93,7 @@ class Host:
     gpus: GPUs
     role: Literal["head", "worker"] | None = None
     interface: str | None = field(default=None, metadata={"pattern": r"^[A-Za-z0-9_.:@-]{1,15}$"})
-    model_dir: str | None = field(default=None, metadata={"pattern": r"^/"})
+    model_dir: str | None = field(default=None, metadata={"pattern": r"^/[^\x00-\x1f\x7f]*$"})
     ssh: SSHOverride | None = None
 
 
@@ -101,7 +101,7 @@ class Host:
 class Cluster:
     name: str = field(metadata={"pattern": r"^[a-z0-9][a-z0-9-]{0,39}$"})
     ssh: SSH = field(default_factory=SSH)
-    model_dir: str = field(default="/data/models", metadata={"pattern": r"^/"})
+    model_dir: str = field(default="/data/models", metadata={"pattern": r"^/[^\x00-\x1f\x7f]*$"})
     shared_model_dir: bool = False
     registry_mirrors: list[str] = field(default_factory=list)
 
@@ -119,9 +119,9 @@ class Source:
 
 @dataclass(frozen=True, kw_only=True)
 class Deploy:
-    profile: str
-    model: str
-    served_model_name: str | None = None
+    profile: str = field(metadata={"pattern": r"^[^\x00-\x1f\x7f]+$"})
+    model: str = field(metadata={"pattern": r"^[^\x00-\x1f\x7f]+$"})
+    served_model_name: str | None = field(default=None, metadata={"pattern": r"^[^\x00-\x1f\x7f]+$"})
     tensor_parallel: int | None = field(default=None, metadata={"range": (1, 512)})
     pipeline_parallel: int | None = field(default=None, metadata={"range": (1, 64)})
     engine_args: dict[str, Any] = field(default_factory=dict)
@@ -137,6 +137,7 @@ class Inventory:
     hosts: list[Host]
     deploy: Deploy
     path: str = field(default="", metadata={"internal": True})
+    lines: dict = field(default_factory=dict, metadata={"internal": True}, compare=False, repr=False)
 
     @property
     def head(self) -> Host:
@@ -226,12 +227,16 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError("file not found", file=str(path), fix="check the path") from None
     except OSError as e:
         raise ConfigError(f"cannot read: {e.strerror}", file=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start})", file=str(path), fix="save the file as UTF-8") from None
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except ConfigError as e:
         raise ConfigError(str(e).split(": ", 1)[-1], file=str(path), line=e.line) from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        # An unclosed [ or { is reported where parsing gave up; its opening line is the useful one.
+        flow = "flow" in str(getattr(e, "context", "") or "")
+        mark = (getattr(e, "context_mark", None) if flow else None) or getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"invalid YAML: {problem}", file=str(path),
                           line=mark.line + 1 if mark else None) from None
@@ -261,7 +266,10 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
 
 
 def _describe(value: Any) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+    if value is None:
+        return "nothing"
+    kind = "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, list) else type(value).__name__
+    return f"{kind} {value!r}" if not isinstance(value, (dict, list)) else f"{kind} {dict(value) if isinstance(value, dict) else list(value)!r}"
 
 
 def _convert(tp: Any, value: Any, at: _At, meta: dict) -> Any:
@@ -390,7 +398,9 @@ def load_inventory(path: str | Path) -> Inventory:
         raise hosts_at.error(f"more than one host has role: head ({', '.join(heads)})", fix="mark one host as head")
     engine_at = at.child("deploy", data).child("engine_args", data["deploy"])
     _check_engine_args(inv.deploy.engine_args, engine_at)
-    return dataclasses.replace(inv, path=file)
+    deploy = data["deploy"]
+    lines = {f"deploy.{k}": deploy.lines.get(k) for k in ("profile", "model")} if isinstance(deploy, _Map) else {}
+    return dataclasses.replace(inv, path=file, lines=lines)
 
 
 # Flags gpucluster sets itself from other fields; users set them there instead.
@@ -443,6 +453,7 @@ def load_profile(ref: str, *, inventory: Inventory | None = None) -> Profile:
         close = difflib.get_close_matches(ref, names, n=1)
         raise ConfigError(f"profile {ref!r} not found",
                           file=inventory.path if inventory else None, field="deploy.profile",
+                          line=inventory.lines.get("deploy.profile") if inventory else None,
                           fix=f"did you mean {close[0]!r}?" if close else "available: " + ", ".join(names))
     data = read_yaml(path)
     at = _root(data, str(path))

@@ -43,7 +43,7 @@ def load(inventory_path: str, *, profile: str | None = None, model: str | None =
 
 def make_plan(inv: Inventory, prof: Profile, *, tp: int | None = None, pp: int | None = None,
               sets: dict[str, Any] | None = None, extra_findings: tuple = ()) -> planner.Plan:
-    model = models.load(inv.deploy.model, file=inv.path)
+    model = models.load(inv.deploy.model, file=inv.path, line=inv.lines.get("deploy.model"))
     return planner.build(inv, prof, model=model, tp=tp, pp=pp, sets=sets, extra_findings=extra_findings)
 
 

@@ -113,13 +113,14 @@ def weight_bytes_of(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.bin"))
 
 
-def load(model: str, *, field: str = "deploy.model", file: str | None = None) -> ModelFacts | None:
+def load(model: str, *, field: str = "deploy.model", file: str | None = None,
+         line: int | None = None) -> ModelFacts | None:
     """Facts for `model`: a local directory with config.json, else the catalog, else None."""
     if is_local(model):
         folder = Path(model).expanduser()
         cfg_path = folder / "config.json"
         if not cfg_path.exists():
-            raise ConfigError(f"{folder} has no config.json", file=file, field=field,
+            raise ConfigError(f"{folder} has no config.json", file=file, field=field, line=line,
                               fix="point deploy.model at a model directory, or use a hub id")
         try:
             cfg = json.loads(cfg_path.read_text())

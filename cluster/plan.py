@@ -137,8 +137,14 @@ def _hosts_for(hosts: list[Host], gpus: int) -> tuple[Host, ...]:
 
 # ---------------------------------------------------------------- topology
 def _setup(base: Setup, hosts: list[Host], tp: int, pp: int) -> Setup:
-    return dataclasses.replace(base, tp=tp, pp=pp, hosts=_hosts_for(hosts, tp * pp) if tp * pp <= sum(
-        h.gpus.count for h in hosts) else tuple(hosts))
+    """TP x PP on the fewest hosts (head first); with PP > 1 each stage is one host."""
+    if pp > 1 and pp <= len(hosts):
+        used = tuple(hosts[:pp])
+    elif tp * pp <= sum(h.gpus.count for h in hosts):
+        used = _hosts_for(hosts, tp * pp)
+    else:
+        used = tuple(hosts)
+    return dataclasses.replace(base, tp=tp, pp=pp, hosts=used)
 
 
 def choose_topology(base: Setup, hosts: list[Host], tp: int | None, pp: int | None) -> tuple[Setup, str]:
@@ -153,7 +159,7 @@ def choose_topology(base: Setup, hosts: list[Host], tp: int | None, pp: int | No
     candidates = []
     for p in pps:
         for t in range(1, total // p + 1):
-            if p > 1 and t > per_node:
+            if p > 1 and t != per_node:   # the usual layout: TP = GPUs per host, PP = hosts
                 continue
             s = _setup(base, hosts, t, p)
             errors = [f.code for f in checks.run_all(s) if f.severity == ERROR]

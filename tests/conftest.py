@@ -38,6 +38,19 @@ class Rig:
     def host(self, name):
         return next(h for h in self.facts["hosts"] if h["name"] == name)
 
+    def host_names(self):
+        return [h["name"] for h in self.facts["hosts"]]
+
+    def address(self, name):
+        return self.host(name)["address"]
+
+    def docker_socket(self, name):
+        return self.host(name)["docker_socket"]
+
+    def unused_address(self):
+        """An address on the rig LAN that nothing answers (for unreachable-host tests)."""
+        return self.facts["unused_address"]
+
     def docker(self, host, *args, check=True, timeout=300, **kw):
         """`docker` against one host's daemon (its unix socket on this machine)."""
         h = self.host(host)

@@ -2,7 +2,7 @@
 """Prints what nvidia-smi prints on a host with the GPUs described in a JSON file:
 $NVIDIA_SMI_STANDIN_CONFIG, else ../gpus.json next to this script's directory, else
 /etc/gpucluster-rig/gpus.json (inside containers). Keys: count, name, memory_mib,
-compute_capability, driver, memory_used_mib (optional), host (for stable UUIDs).
+compute_capability, driver, memory_used_mib / memory_reserved_mib (optional), host (for stable UUIDs).
 """
 import hashlib
 import json
@@ -34,9 +34,10 @@ def gpus(cfg):
         u = hashlib.sha256(("%s/%d" % (cfg.get("host", "rig"), i)).encode()).hexdigest()
         total = int(cfg.get("memory_mib", 16160))
         used = int(cfg.get("memory_used_mib", 0))
+        reserved = int(cfg.get("memory_reserved_mib", 0))  # real drivers report free = total - used - reserved
         out.append({
             "index": str(i), "name": cfg.get("name", "Tesla V100-PCIE-16GB"),
-            "memory.total": total, "memory.used": used, "memory.free": total - used, "memory.reserved": 0,
+            "memory.total": total, "memory.used": used, "memory.free": total - used - reserved, "memory.reserved": reserved,
             "compute_cap": str(cfg.get("compute_capability", "7.0")),
             "driver_version": str(cfg.get("driver", "535.104.05")),
             "pci.bus_id": BUS_IDS[i % len(BUS_IDS)],

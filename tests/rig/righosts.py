@@ -304,6 +304,13 @@ def up(a):
     d = os.path.abspath(a.dir)
     if a.hosts < 1 or a.hosts > 200:
         raise SystemExit("rig up: --hosts must be 1..200")
+    missing = [t for t in ("dockerd", "docker", "sshd", "docker-registry", "nsenter", "git", "curl")
+               if not shutil.which(t, path=SYS_PATH)]
+    if missing or not os.path.exists(os.path.join(rigimage.olah_venv(), "bin", "olah-cli")):
+        raise SystemExit("rig up: run `tests/rig/rig setup` first (missing: %s)" % (", ".join(missing) or "olah venv"))
+    if os.path.isdir(d) and os.listdir(d) and not (os.path.exists(os.path.join(d, "state.json"))
+                                                   or os.path.exists(os.path.join(d, "rig.json"))):
+        raise SystemExit("rig up: %s is not empty and holds no rig; refusing to clear it" % d)
     with stage("images"):
         versions = rigimage.ensure_images()
     with stage("remove previous rig"):
@@ -369,7 +376,7 @@ def up(a):
     reg = "%s:%d" % (SERVICES["reg"], REGISTRY_PORT)
     facts = {
         "dir": d, "inventory": inv, "cluster": "rig", "subnet": SUBNET + ".0/24", "bridge": BRIDGE,
-        "control_address": CONTROL,
+        "control_address": CONTROL, "unused_address": SUBNET + ".250",
         "ssh": {"user": "root", "port": 22, "identity_file": os.path.join(d, "id_ed25519"),
                 "known_hosts": os.path.join(d, "known_hosts")},
         "hosts": hosts,
@@ -421,6 +428,10 @@ def _rm(p):
 def down(dir_, quiet=False):
     d = os.path.abspath(dir_)
     stp = os.path.join(d, "state.json")
+    if os.path.isdir(d) and os.listdir(d) and not os.path.exists(stp) and not os.path.exists(os.path.join(d, "rig.json")):
+        log("down: %s holds no rig; removing only the rig's network and namespaces" % d)
+        net_down()
+        return
     st = json.load(open(stp)) if os.path.exists(stp) else {"pids": [], "dockerd": []}
     with stage("containers"):
         for dk in st.get("dockerd", []):

@@ -58,10 +58,7 @@ def knowledge_dir():
 def versions():
     found = sorted((os.path.basename(p)[:-5] for p in glob.glob(os.path.join(knowledge_dir(), "*.json"))
                     if os.path.basename(p)[0].isdigit()), key=vkey)
-    vs = set(found) | {"0.3.0", "0.6.3", "0.10.1.1"}
-    newest = DEFAULT_VERSIONS[-1]
-    if not any(vkey(v) >= vkey(newest) for v in found):
-        vs.add(newest)  # built from the rig's placeholder table until the project has one
+    vs = set(found) or set(DEFAULT_VERSIONS)
     return sorted(vs, key=vkey)
 
 
@@ -72,12 +69,7 @@ def knowledge(v):
         if os.path.exists(p):
             with open(p) as f:
                 return json.load(f), p
-    # nearest older placeholder
-    ph = sorted(glob.glob(os.path.join(HERE, "image", "knowledge-placeholder", "*.json")),
-                key=lambda p: vkey(os.path.basename(p)[:-5]))
-    best = [p for p in ph if vkey(os.path.basename(p)[:-5]) <= vkey(v)] or ph
-    with open(best[-1]) as f:
-        return json.load(f), best[-1]
+    raise SystemExit("rig: no flag table for vLLM %s (cluster/knowledge/vllm/%s.json)" % (v, v))
 
 
 # ---------------------------------------------------------------- packages
@@ -231,7 +223,9 @@ def build_base(b, tag):
                 f.write("")
             run(["chroot", root, "python3", "-m", "pip", "install", "-q", "--break-system-packages",
                  "--no-index", "--find-links", "/tmp/wheels", "--disable-pip-version-check",
-                 "--no-cache-dir"] + PIP_REQS)
+                 "--no-cache-dir"] + PIP_REQS, quiet=True,
+                env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+                     "LANG": "C.UTF-8"})
             shutil.rmtree(os.path.join(root, "tmp", "wheels"))
             for d in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
                       "usr/share/info", "usr/share/locale", "root/.cache"):
