@@ -232,10 +232,25 @@ def flags_supported(s: Setup) -> Iterator[Finding]:
                           message=f"vLLM {s.engine.version}: --{name} {value} is not one of "
                                   f"{', '.join(map(str, flag.choices))}",
                           fix=f"set {name} to one of: {', '.join(map(str, flag.choices))}")
+        elif value is not True and not flag.value:
+            yield Finding(code="unsupported-flag", severity=ERROR,
+                          message=f"--{name} is a bare switch in vLLM {s.engine.version}; got a value ({value!r})",
+                          fix=f"set {name}: true (or false to leave it out)")
         elif value is True and flag.value and not flag.bare_ok:
             yield Finding(code="unsupported-flag", severity=ERROR,
                           message=f"--{name} takes a value in vLLM {s.engine.version}, got a bare flag (true)",
                           fix=f"give {name} a value")
+
+
+def batched_tokens_cover_len(s: Setup) -> Iterator[Finding]:
+    m = s.memory()
+    over = s.engine.chunked_prefill_over
+    chunked = s.args.get("enable-chunked-prefill") is True or (over is not None and m and m.max_model_len > over)
+    if m and not chunked and m.batched_tokens < m.max_model_len:
+        yield Finding(code="batched-tokens-too-small", severity=ERROR,
+                      message=f"max_num_batched_tokens ({m.batched_tokens}) is smaller than max_model_len "
+                              f"({m.max_model_len}): vLLM {s.engine.version} refuses to start",
+                      fix=f"--set max-num-batched-tokens={m.max_model_len} or lower max-model-len")
 
 
 def arch_supported(s: Setup) -> Iterator[Finding]:
@@ -270,7 +285,7 @@ def port_env_valid(s: Setup) -> Iterator[Finding]:
 ALL: tuple[Callable[[Setup], Iterator[Finding]], ...] = (
     enough_gpus, pp_supported, heads_divisible, kv_heads_divisible, vocab_divisible, layers_divisible,
     even_gpus, compute_capability, driver_recent, bf16_supported, arch_supported, flags_supported,
-    port_env_valid, host_ip_honoured, memory_fits,
+    port_env_valid, host_ip_honoured, memory_fits, batched_tokens_cover_len,
 )
 
 

@@ -35,6 +35,7 @@ class Engine:
     cuda: str
     v1: bool
     batched_tokens_default: str
+    chunked_prefill_over: int | None   # max-model-len above which chunked prefill is on by default
     flags: dict[str, Flag]
     aliases: dict[str, str]
     underscores: bool
@@ -91,6 +92,7 @@ def engine(version: str) -> Engine:
         cuda=str(traits["cuda"]),
         v1=traits["engine"] == "v1",
         batched_tokens_default=str(traits["batched_tokens_default"]),
+        chunked_prefill_over=traits.get("chunked_prefill_over"),
         flags=flags,
         aliases=dict(table.get("aliases", {})),
         underscores=bool(table.get("underscores")),
