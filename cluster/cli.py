@@ -222,7 +222,7 @@ def down(inventory: str = InventoryArg, purge_model: bool = typer.Option(False, 
     inv, prof = core.load(inventory)
     _confirm(yes, f"remove every gpucluster container of cluster {inv.cluster.name!r} on {len(inv.hosts)} host(s)"
              + (" and the model files" if purge_model else ""))
-    report = core.down(inv, prof, purge_model=purge_model, progress=_progress(json_), accept_new_host_keys=accept)
+    report = core.down(inv, prof, purge_model=purge_model, accept_new_host_keys=accept)
     if json_:
         _emit({"hosts": report})
     else:

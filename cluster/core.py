@@ -577,10 +577,11 @@ def logs(inv: Inventory, prof: Profile, *, host: str | None = None, component: s
         def one(src):
             h, comp, argv = src
             return remote.stream(hosts, h, argv, lambda line: sink(f"[{h.name} {comp}] {line}"))
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(max_workers=max(1, len(sources))) as pool:
-            codes = list(pool.map(one, sources))
-    return max(codes, default=0)
+        results = hosts.each(sources, one, key=lambda src: f"{src[0].name} {src[1]}")
+    failed = {k: remote.describe(r) for k, r in results.items() if isinstance(r, BaseException)}
+    if failed:
+        raise RemoteError("logs", failed)
+    return max(results.values(), default=0)
 
 
 def doctor(inv: Inventory, prof: Profile, *, accept_new_host_keys: bool = False) -> tuple[planner.Plan, dict]:

@@ -80,6 +80,7 @@ class Hosts:
         self.inventory = inventory
         self.accept_new = accept_new_host_keys
         self._conns: dict[str, Connection] = {}
+        self._opening: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def host(self, name: str) -> Host:
@@ -106,12 +107,21 @@ class Hosts:
             else:
                 client.set_missing_host_key_policy(paramiko.RejectPolicy())
             self._conns[host.name] = conn
+            self._opening[host.name] = threading.Lock()
             return conn
 
-    @connect_policy
     def _open(self, conn: Connection, host: Host) -> None:
-        if conn.is_connected:
-            return
+        """Connect once per host (threads share the connection); failures become one RemoteError line."""
+        with self._opening[host.name]:
+            if conn.is_connected:
+                return
+            try:
+                self._connect(conn, host)
+            except Exception as e:  # noqa: BLE001 - every SSH failure is reported as one line per host
+                raise RemoteError("ssh", {host.name: _reason(e)}) from None
+
+    @connect_policy
+    def _connect(self, conn: Connection, host: Host) -> None:
         try:
             conn.open()
         except paramiko.SSHException as e:
@@ -147,13 +157,13 @@ class Hosts:
             f.chmod(mode)
             f.write(text)
 
-    def each(self, hosts: Iterable[Host], fn: Callable[[Host], T], *,
-             workers: int = 16) -> dict[str, T | BaseException]:
-        """Run fn(host) on every host in parallel; host name -> result or the exception it raised."""
+    def each(self, hosts: Iterable, fn: Callable[..., T], *, workers: int = 16,
+             key: Callable[..., str] = lambda h: h.name) -> dict[str, T | BaseException]:
+        """Run fn(item) for every host (or item) in parallel; key -> result or the exception it raised."""
         hosts = list(hosts)
         out: dict[str, T | BaseException] = {}
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(hosts)))) as pool:
-            futures = {h.name: pool.submit(fn, h) for h in hosts}
+            futures = {key(h): pool.submit(fn, h) for h in hosts}
             for name, fut in futures.items():
                 try:
                     out[name] = fut.result()

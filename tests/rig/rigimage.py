@@ -188,6 +188,9 @@ def ensure_wheels():
     if os.path.exists(stamp):
         return wheels
     os.makedirs(wheels, exist_ok=True)
+    if sys.version_info[:2] != (3, 11):  # the image's python is Debian 12's 3.11: wheels must be cp311
+        raise SystemExit("rig setup: run it with Python 3.11 (wheels for the bookworm image), not %s"
+                         % sys.version.split()[0])
     run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", wheels,
          "--cache-dir", os.path.join(CACHE, "pip-cache")] + PIP_REQS, quiet=True)
     open(stamp, "w").close()
