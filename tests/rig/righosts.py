@@ -425,9 +425,28 @@ def _rm(p):
             pass
 
 
+def live_elsewhere(d):
+    """The state.json of a live rig in another directory, if any (there is one rig LAN per machine)."""
+    try:
+        cur = open(CURRENT).read().strip()
+    except OSError:
+        return None
+    if cur and os.path.exists(cur) and os.path.dirname(cur) != d:
+        return cur
+    return None
+
+
 def down(dir_, quiet=False):
     d = os.path.abspath(dir_)
     stp = os.path.join(d, "state.json")
+    other = live_elsewhere(d)
+    if other:
+        log("down: the live rig is %s, not %s; leaving it alone" % (os.path.dirname(other), d))
+        if os.path.exists(stp) or os.path.exists(os.path.join(d, "rig.json")):
+            _umount_under(d)
+            for e in os.listdir(d):
+                _rm(os.path.join(d, e))
+        return
     if os.path.isdir(d) and os.listdir(d) and not os.path.exists(stp) and not os.path.exists(os.path.join(d, "rig.json")):
         log("down: %s holds no rig; removing only the rig's network and namespaces" % d)
         net_down()
