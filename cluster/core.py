@@ -385,8 +385,9 @@ def image_phase(cluster: Cluster, report: UpReport) -> str:
 
     ids = hosts.phase("image", plan.setup.hosts, one)
     if len(set(ids.values())) > 1:
-        raise RemoteError("image check", {h: f"has {i[:19]}" for h, i in ids.items()} | {
-            "note": f"hosts ended with different {image} images; remove the odd one and re-run"})
+        seen = ", ".join(f"{h} {i[:19]}" for h, i in sorted(ids.items()))
+        raise StepFailed(f"hosts ended with different {image} images ({seen}); remove the odd one "
+                         "(docker rmi on that host) and re-run")
     return next(iter(ids.values()))
 
 

@@ -744,8 +744,8 @@ class Delivery:
         for name, d in list(self._jobdirs.items()):
             try:
                 self.hosts.run(self.hosts.host(name), ["rm", "-rf", d])
-            except Exception:  # noqa: BLE001 - best effort
-                pass
+            except Exception as e:  # noqa: BLE001 - best effort, but said
+                self.progress(f"{name}: could not remove {d}: {type(e).__name__}: {e}")
         self._jobdirs.clear()
 
     # ------------------------------------------------------------------ download

@@ -108,8 +108,13 @@ def test_a_ray_cluster_spans_two_hosts(ray_cluster):
 
 
 def test_a_ray_status_cli(rig, ray_cluster):
-    out = rig.docker("h1", "exec", HEAD, "ray", "status").stdout
-    assert "0.0/4.0 GPU" in out
+    end = time.monotonic() + 60  # the autoscaler's report lags ray.nodes() by a few seconds
+    while True:
+        out = rig.docker("h1", "exec", HEAD, "ray", "status").stdout
+        if "0.0/4.0 GPU" in out or time.monotonic() > end:
+            break
+        time.sleep(2)
+    assert "0.0/4.0 GPU" in out, out
     assert out.count(" node_") == 2
 
 
