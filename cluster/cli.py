@@ -299,11 +299,12 @@ app.add_typer(model_app, name="model")
 
 @model_app.command("pull")
 def model_pull(inventory: str = InventoryArg, model: Optional[str] = ModelOpt, json_: bool = JsonOpt,
-               accept: bool = AcceptOpt) -> None:
+               accept: bool = AcceptOpt, verify: bool = typer.Option(
+                   False, "--verify", help="re-list the source and sha256 every file on every host")) -> None:
     """Put the model on every host that needs it (the model phase of `up`, alone)."""
     from . import core
     inv, prof = core.load(inventory, model=model)
-    result = core.model_pull(inv, prof, progress=_progress(json_), accept_new_host_keys=accept)
+    result = core.model_pull(inv, prof, progress=_progress(json_), accept_new_host_keys=accept, verify=verify)
     if json_:
         _emit({"hosts": result})
     else:

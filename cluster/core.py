@@ -595,9 +595,9 @@ def doctor(inv: Inventory, prof: Profile, *, accept_new_host_keys: bool = False)
 
 
 def model_pull(inv: Inventory, prof: Profile, *, progress: Progress = _quiet,
-               accept_new_host_keys: bool = False) -> dict[str, str]:
+               accept_new_host_keys: bool = False, verify: bool = False) -> dict[str, str]:
     """The model phase of `up`, alone."""
     from . import delivery
     plan = make_plan(inv, prof)
     with _connect(inv, accept_new_host_keys) as hosts:
-        return delivery.deliver(hosts, plan, progress=progress)
+        return delivery.deliver(hosts, plan, progress=progress, verify=verify)

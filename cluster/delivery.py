@@ -185,7 +185,15 @@ def _emit_stdout(event: Dict[str, Any]) -> None:
 
 
 class _NoAuthOnRedirect(urllib.request.HTTPRedirectHandler):
-    pass   # Authorization is added unredirected: never forwarded to a CDN or another host
+    """Authorization is added unredirected; it follows a redirect only to the same host (never to a CDN)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if new is not None and auth and urllib.parse.urlsplit(newurl).netloc in ("", urllib.parse.urlsplit(
+                req.full_url).netloc):
+            new.add_unredirected_header("Authorization", auth)
+        return new
 
 
 def _opener():
@@ -598,7 +606,7 @@ class _Meter:
     def __init__(self, progress: Callable[[str], None], host: str, what: str, total: int):
         self.progress, self.host, self.what, self.total = progress, host, what, total
         self.t0 = time.monotonic()
-        self.last = 0.0
+        self.last = self.t0   # first line after a second: no ETA from nothing
 
     def update(self, done: int, *, final: bool = False) -> None:
         now = time.monotonic()
@@ -636,6 +644,9 @@ class Delivery:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ remote primitives
+    def _put(self, host: "Host", path: str, text: str, *, mode: int) -> None:
+        self.hosts.put_text(host, path, text, mode=mode)
+
     def inspect(self, host: "Host") -> Tuple[Any, Dict[str, Tuple[int, int]]]:
         path = self.paths[host.name]
         m = self.hosts.run(host, ["sh", "-c", 'cat "$0" 2>/dev/null || true', f"{path}/{MANIFEST}"])
@@ -660,7 +671,7 @@ class Delivery:
         _, scanned = self.inspect(host)
         files = [dict(e, mtime=scanned.get(e["path"], (0, 0))[1]) for e in expected]
         doc = manifest_doc(self.spec, commit, files)
-        self.hosts.put_text(host, f"{self.paths[host.name]}/{MANIFEST}", json.dumps(doc, indent=1), mode=0o644)
+        self._put(host, f"{self.paths[host.name]}/{MANIFEST}", json.dumps(doc, indent=1), mode=0o644)
 
     def ensure_image(self, host: "Host") -> str:
         from .plan import mirror_refs
@@ -690,7 +701,7 @@ class Delivery:
             if d:
                 return d
         d = f"/tmp/gpucluster-delivery-{_short(self.inv.cluster.name)}-{_short(host.name)}-{self.run_id}"
-        self.hosts.put_text(host, f"{d}/delivery.py", _agent_source(), mode=0o644)
+        self._put(host, f"{d}/delivery.py", _agent_source(), mode=0o644)
         with self._lock:
             self._jobdirs[host.name] = d
         return d
@@ -702,13 +713,13 @@ class Delivery:
         image = self.ensure_image(host)
         d = self.jobdir(host)
         tag = secrets.token_hex(3)
-        self.hosts.put_text(host, f"{d}/{cmd}-{tag}.json", json.dumps(job), mode=0o600)
+        self._put(host, f"{d}/{cmd}-{tag}.json", json.dumps(job), mode=0o600)
         name = f"gpucluster-{_short(self.inv.cluster.name)}-{cmd}-{self.run_id}{tag}"
         argv = ["docker", "run", "--rm", "--name", name, "--label", f"gpucluster.delivery={self.inv.cluster.name}",
                 "--network", "host", "-v", f"{self.paths[host.name]}:/target" + (":ro" if mount_ro else ""),
                 "-v", f"{d}:/job:ro"]
         if secret:   # a 0600 env file: the value never reaches a command line
-            self.hosts.put_text(host, f"{d}/{cmd}-{tag}.env", f"{secret[0]}={secret[1]}\n", mode=0o600)
+            self._put(host, f"{d}/{cmd}-{tag}.env", f"{secret[0]}={secret[1]}\n", mode=0o600)
             argv += ["--env-file", f"{d}/{cmd}-{tag}.env"]
         argv += ["--entrypoint", "python3", image, "-u", "/job/delivery.py", "agent", cmd, f"/job/{cmd}-{tag}.json"]
         state: Dict[str, Any] = {"result": None, "error": None, "other": []}
@@ -857,9 +868,7 @@ class Delivery:
         return total
 
     def _sftp(self, host: "Host"):
-        conn = self.hosts._connection(host)   # the SSH layer's connection (same pattern as remote.stream)
-        self.hosts._open(conn, host)
-        return conn.sftp()
+        return self.hosts.sftp(host)
 
     def relay(self, src: Optional["Host"], dst: "Host", files: List[Entry], local_root: Optional[str] = None) -> int:
         """Copy through this machine over SFTP (control-downloaded models, or when hosts cannot reach each other)."""
@@ -889,6 +898,9 @@ class Delivery:
             finally:
                 reader.close()
             self.hosts.check(dst, ["mv", "-f", part, final])
+        out_sftp.close()
+        if in_sftp:
+            in_sftp.close()
         got = self.sha256(dst, [f["path"] for f in files])
         bad = mismatched(files, got)
         if bad:

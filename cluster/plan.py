@@ -260,21 +260,30 @@ def _steps(s: Setup, containers: dict[str, ContainerSpec], api: ApiSpec, served:
             steps.append(Step(host=h.name, phase="image", argv=("docker", "tag", refs[0], prof.image),
                               reason="retag the copy from whichever mirror answered to the canonical name every host runs"))
     src = inv.deploy.source
-    for h in s.hosts:
-        host_path, _ = model_paths(inv, h)
-        if src.kind == "local" or models.is_local(inv.deploy.model):
-            steps.append(Step(host=h.name, phase="model", argv=("test", "-f", f"{host_path}/config.json"),
-                              reason="local model: must already be on the host"))
-            continue
+    head = s.hosts[0]
+    head_path, _ = model_paths(inv, head)
+    if src.kind == "local" or models.is_local(inv.deploy.model):
+        steps.append(Step(host=head.name, phase="model", argv=("test", "-f", f"{head_path}/config.json"),
+                          reason="local model: the head's copy is the reference; others get missing files from it"))
+    else:
         endpoint = src.endpoint or DEFAULT_ENDPOINTS[src.kind]
         env = ["-e", f"HF_ENDPOINT={endpoint}"] if src.kind != "modelscope" else []
-        argv = ["docker", "run", "--rm", *env, "-v", f"{host_path}:/target", "--entrypoint", "huggingface-cli",
-                prof.image, "download", inv.deploy.model, "--local-dir", "/target"]
+        argv = ["docker", "run", "--rm", "--network", "host", *env, "-v", f"{head_path}:/target", "--entrypoint",
+                "huggingface-cli", prof.image, "download", inv.deploy.model, "--local-dir", "/target"]
         if src.revision:
             argv += ["--revision", src.revision]
-        steps.append(Step(host=h.name, phase="model", argv=tuple(argv),
-                          reason=f"fetch {inv.deploy.model} from {endpoint} into {host_path} (skipped when complete)"))
-    head = s.hosts[0]
+        where = "this machine" if src.download_on == "control" else "the head"
+        steps.append(Step(host="control" if src.download_on == "control" else head.name, phase="model",
+                          argv=tuple(argv),
+                          reason=f"download {inv.deploy.model} once on {where} from {endpoint} (gpucluster "
+                                 "uses its own resumable, sha256-checking fetcher; skipped when complete)"))
+    if not inv.cluster.shared_model_dir:
+        for h in s.hosts[1:]:
+            path, _ = model_paths(inv, h)
+            steps.append(Step(host=h.name, phase="model",
+                              argv=("rsync", "-a", "--partial", f"{head.address}:{head_path}/", f"{path}/"),
+                              reason=f"copy from {head.name} over the LAN, then verify sizes and sha256 "
+                                     "(gpucluster streams host to host itself; skipped when complete)"))
     steps.append(Step(host=head.name, phase="ray-head", argv=tuple(run_argv(containers[head.name])),
                       reason=f"Ray head on {head.address}:{RAY_PORT} with {head.gpus.count} GPUs"))
     for h in s.hosts[1:]:

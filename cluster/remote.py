@@ -146,16 +146,23 @@ class Hosts:
             raise RemoteError(f"`{' '.join(argv[:3])}`", {host.name: r.last_line()})
         return r
 
-    def put_text(self, host: Host, path: str, text: str, *, mode: int = 0o600) -> None:
-        """Write a file on host over SFTP (never through a command line), mode set before content."""
+    def sftp(self, host: Host) -> paramiko.SFTPClient:
+        """A new SFTP channel of its own on the host's connection (the caller closes it)."""
         conn = self._connection(host)
         self._open(conn, host)
+        return paramiko.SFTPClient.from_transport(conn.client.get_transport())
+
+    def put_text(self, host: Host, path: str, text: str, *, mode: int = 0o600) -> None:
+        """Write a file on host over SFTP (never through a command line), mode set before content."""
         folder = path.rsplit("/", 1)[0]
         self.check(host, ["mkdir", "-p", "-m", "700", folder])
-        sftp = conn.sftp()
-        with sftp.open(path, "w") as f:
-            f.chmod(mode)
-            f.write(text)
+        sftp = self.sftp(host)
+        try:
+            with sftp.open(path, "w") as f:
+                f.chmod(mode)
+                f.write(text)
+        finally:
+            sftp.close()
 
     def each(self, hosts: Iterable, fn: Callable[..., T], *, workers: int = 16,
              key: Callable[..., str] = lambda h: h.name) -> dict[str, T | BaseException]:

@@ -187,7 +187,6 @@ def test_corrupt_copy_on_one_host_is_detected_and_repaired(rig, case):
     victim = next(h for h in c.roots if h != c.head)
     big = max(rig.facts["model"]["files"], key=lambda f: f["size"])
     p = c.model_dir(victim) / big["path"]
-    st = p.stat()
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))             # same size, new mtime: the manifest no longer vouches for it
@@ -197,7 +196,8 @@ def test_corrupt_copy_on_one_host_is_detected_and_repaired(rig, case):
     assert all(v == "present" for h, v in hosts.items() if h != victim)
     assert log.since(addr(rig, c.head)) == [], "repaired from the head; the mirror is not asked"
     assert_identical(rig, c)
-    # corrupt again and put the old mtime back: only a full verification can tell
+    # corrupt again and put the verified mtime back: only a full verification can tell
+    st = p.stat()
     p.write_bytes(bytes(data))
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
     from cluster import core, delivery
@@ -255,3 +255,20 @@ def test_missing_repository_is_one_clear_line(rig, case):
     last = r.stderr.strip().splitlines()[-1]
     assert "gpucluster/no-such-model@main" in last and "HTTP" in last and "not found" in last, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_relay_through_this_machine_when_hosts_cannot_reach_each_other(rig, case, monkeypatch):
+    from cluster import core, delivery
+
+    def unreachable(self, src, dst, files):
+        raise delivery.AgentError(f"cannot connect to {dst.address}:1 (simulated firewall)")
+
+    monkeypatch.setattr(delivery.Delivery, "send_direct", unreachable)
+    c = case("dl-relay")
+    inv, prof = core.load(str(c.path))
+    notes = []
+    with core._connect(inv) as hosts:
+        out = delivery.deliver(hosts, core.make_plan(inv, prof), progress=notes.append)
+    assert all(f"from {c.head} via this machine" in v for h, v in out.items() if h != c.head), out
+    assert any("relaying through this machine" in n for n in notes)
+    assert_identical(rig, c)

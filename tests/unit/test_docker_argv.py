@@ -110,11 +110,11 @@ def test_plan_steps_keep_hostile_values_whole(tmp_path):
 
 
 def _run_runbook(tmp_path: Path, script: str) -> Path:
-    """Run a `plan --format sh` runbook with docker/curl stubbed out; return the working directory."""
+    """Run a `plan --format sh` runbook with docker, curl, rsync and ssh stubbed out (no traffic)."""
     bin_dir, work = tmp_path / "bin", tmp_path / "work"
     bin_dir.mkdir()
     work.mkdir()
-    for tool in ("docker", "curl"):
+    for tool in ("docker", "curl", "rsync", "ssh"):
         (bin_dir / tool).write_text(f"#!/bin/sh\nprintf '%s\\0' {tool} \"$@\" >> {tmp_path}/calls.log\nexit 0\n")
         (bin_dir / tool).chmod(0o755)
     (tmp_path / "runbook.sh").write_text(script)
