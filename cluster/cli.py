@@ -190,6 +190,7 @@ def up(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, model
        yes: bool = YesOpt, dry_run: bool = typer.Option(False, "--dry-run", help="print phases and commands only"),
        json_: bool = JsonOpt, accept: bool = AcceptOpt,
        ready_timeout: float = typer.Option(1800, "--ready-timeout", help="seconds to wait for the model to load"),
+       ray_timeout: float = typer.Option(180, "--ray-timeout", help="seconds to wait for every Ray node to join"),
        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr")) -> None:
     """Probe, pull, deliver the model, start Ray and the API server, wait until it answers."""
     from . import config, core
@@ -200,7 +201,7 @@ def up(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, model
         _emit(p.as_dict()) if json_ else sys.stdout.write(render_table(p) + "\n")
         raise typer.Exit(1 if p.verdict == "fail" else 0)
     report = core.up(inv, prof, tp=tp, pp=pp, sets=sets, progress=_progress(quiet or json_),
-                     accept_new_host_keys=accept, ready_timeout=ready_timeout)
+                     accept_new_host_keys=accept, ready_timeout=ready_timeout, ray_timeout=ray_timeout)
     if json_:
         _emit(report.as_dict())
         return

@@ -247,3 +247,46 @@ def test_unknown_host_key_is_refused_unless_accepted(rig, tmp_path):
     r = gc("probe", str(inv), "--accept-new-host-keys")
     assert r.returncode == 0, r.stdout
     assert rig.address("h1") in (tmp_path / "empty_known_hosts").read_text()
+
+
+def test_worker_that_never_joins_is_named(rig, tmp_path):
+    inv = inventory(rig, tmp_path, name="e2e-nojoin", hosts=2, tensor_parallel=4, pipeline_parallel=1)
+    block = ["ip", "netns", "exec", rig.host("h2")["netns"], "iptables", "-I", "OUTPUT", "-p", "tcp", "--dport",
+             "6379", "-j", "REJECT"]
+    subprocess.run(block, check=True)
+    try:
+        r = gc("up", str(inv), "--yes", "--ray-timeout", "20")
+        assert r.returncode == 1, r.stderr[-2000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert "never joined: h2" in last and "Traceback" not in r.stderr
+    finally:
+        subprocess.run([*block[:5], "-D", *block[6:]], check=True)
+        assert gc("down", str(inv), "--yes").returncode == 0
+
+
+def test_doctor_and_logs_follow(rig, tmp_path):
+    inv = inventory(rig, tmp_path, name="e2e-doc", hosts=2, tensor_parallel=4, pipeline_parallel=1)
+    r = gc("doctor", str(inv), "--json")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    out = json.loads(r.stdout)
+    assert out["verdict"] in ("ok", "warn") and set(out["hosts"]) == {"h1", "h2"}
+    assert all(not c for c in out["contradictions"].values())
+    try:
+        _up(inv)
+        follow = subprocess.Popen([sys.executable, "-m", "cluster", "logs", str(inv), "--component", "api",
+                                   "--follow", "--tail", "1"], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                                  stdin=subprocess.DEVNULL)
+        try:
+            first = follow.stdout.readline()
+            assert first.startswith("[h1 api] ")
+            chat(f"http://{rig.address('h1')}:8000/v1", "gpucluster/tiny-qwen2")
+            deadline = time.time() + 30
+            line = ""
+            while "chat/completions" not in line and time.time() < deadline:
+                line = follow.stdout.readline()
+            assert "chat/completions" in line, "a new request did not show up in --follow"
+        finally:
+            follow.terminate()
+            follow.wait(timeout=10)
+    finally:
+        assert gc("down", str(inv), "--yes").returncode == 0
