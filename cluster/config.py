@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import os
 import re
@@ -342,10 +343,15 @@ def _secret(value: Any, at: _At) -> Secret:
     raise at.error("expected a string, {env: NAME} or {file: PATH}")
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: type, data: Any, at: _At) -> Any:
     if not isinstance(data, dict):
         raise at.error(f"expected a mapping, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in fields:
