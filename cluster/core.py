@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -330,8 +333,6 @@ class Cluster:
             who = self.hosts.run(self.head, ["cat", f"{path}/owner"]).stdout.strip() or "unknown"
             raise LockHeld(f"another gpucluster operation holds the lock on {self.head.name} ({who}); if none is "
                            f"running, remove {path} on {self.head.name}")
-        import os
-        import socket
         owner = f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}"
         self.hosts.run(self.head, ["sh", "-c", 'echo "$1" > "$0/owner"', path, owner])
 
@@ -348,16 +349,15 @@ def _write_secrets(cluster: Cluster) -> None:
                                f"VLLM_API_KEY={inv.deploy.api_key.reveal()}\n")
 
 
+@contextlib.contextmanager
 def _timed(report: UpReport, name: str, progress: Progress):
-    class _T:
-        def __enter__(self):
-            progress(f"== {name}")
-            self.t = time.time()
-
-        def __exit__(self, *exc):
-            report.phases[name] = time.time() - self.t
-
-    return _T()
+    """A phase: announced on stderr, its wall time recorded in the report."""
+    progress(f"== {name}")
+    start = time.time()
+    try:
+        yield
+    finally:
+        report.phases[name] = time.time() - start
 
 
 def image_phase(cluster: Cluster, report: UpReport) -> str:
