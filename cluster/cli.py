@@ -219,7 +219,7 @@ def down(inventory: str = InventoryArg, purge_model: bool = typer.Option(False, 
          help="also delete the model files on the hosts"), yes: bool = YesOpt, json_: bool = JsonOpt,
          accept: bool = AcceptOpt) -> None:
     """Stop the API server, the workers, then the head; remove exactly this cluster's containers."""
-    from . import config, core
+    from . import core
     inv, prof = core.load(inventory)
     _confirm(yes, f"remove every gpucluster container of cluster {inv.cluster.name!r} on {len(inv.hosts)} host(s)"
              + (" and the model files" if purge_model else ""))

@@ -4,11 +4,10 @@
 Each line of LOGFILE: {"ts", "client", "method", "path", "status", "bytes"} where bytes is the body length
 sent to the client. Bodies are buffered whole (the rig's model is a few MB)."""
 import http.client
-import json
 import sys
-import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from rigutil import AccessLog   # run as `python3 -E -s tests/rig/<this file>`: its folder is on sys.path
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
        "proxy-authenticate", "content-length"}
@@ -16,8 +15,7 @@ HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrad
 
 def main():
     lh, lp, uh, up, logfile = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
-    lock = threading.Lock()
-    logf = open(logfile, "a", buffering=1)
+    access = AccessLog(logfile)
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -57,10 +55,7 @@ def main():
                 status = 502
             finally:
                 conn.close()
-            with lock:
-                logf.write(json.dumps({"ts": time.time(), "client": self.client_address[0],
-                                       "method": self.command, "path": self.path, "status": status,
-                                       "bytes": len(data)}) + "\n")
+            access.write(self, status, len(data))
 
         do_GET = do_HEAD = do_POST = do_PUT = _proxy
 

@@ -12,10 +12,10 @@ import hashlib
 import json
 import os
 import sys
-import threading
-import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from rigutil import AccessLog   # run as `python3 -E -s tests/rig/<this file>`: its folder is on sys.path
 
 _sha_cache = {}
 
@@ -34,8 +34,7 @@ def sha256_of(path):
 
 def main():
     host, port, root, logfile = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    lock = threading.Lock()
-    logf = open(logfile, "a", buffering=1)
+    access = AccessLog(logfile)
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -56,9 +55,7 @@ def main():
             if self.command != "HEAD":
                 self.wfile.write(body)
                 sent = len(body)
-            with lock:
-                logf.write(json.dumps({"ts": time.time(), "client": self.client_address[0], "method": self.command,
-                                       "path": self.path, "status": code, "bytes": sent}) + "\n")
+            access.write(self, code, sent)
 
         def _err(self, code, msg):
             self._reply(code, {"Code": code, "Message": msg, "Success": False, "RequestId": "rig"})

@@ -197,11 +197,11 @@ def start_services(d, st):
     olah_cli = os.path.join(rigimage.olah_venv(), "bin", "olah-cli")
     st["pids"].append(spawn(NS_PREFIX + "hf", [olah_cli, "-c", toml, "--log-path", os.path.join(olah_dir, "logs")],
                             os.path.join(sv, "olah.log"), env=clean_env(HOME=olah_dir)))
-    st["pids"].append(spawn(NS_PREFIX + "hf", [py, "-I", os.path.join(HERE, "logproxy.py"), SERVICES["hf"],
+    st["pids"].append(spawn(NS_PREFIX + "hf", [py, "-E", "-s", os.path.join(HERE, "logproxy.py"), SERVICES["hf"],
                                                str(HF_PORT), "127.0.0.1", str(OLAH_PORT),
                                                os.path.join(sv, "hf-access.log")], os.path.join(sv, "logproxy.log")))
     # (c) ModelScope-compatible server
-    st["pids"].append(spawn(NS_PREFIX + "ms", [py, "-I", os.path.join(HERE, "modelscope_server.py"), SERVICES["ms"],
+    st["pids"].append(spawn(NS_PREFIX + "ms", [py, "-E", "-s", os.path.join(HERE, "modelscope_server.py"), SERVICES["ms"],
                                                str(MS_PORT), os.path.join(sv, "modelscope"),
                                                os.path.join(sv, "modelscope-access.log")],
                             os.path.join(sv, "modelscope.log")))

@@ -1,8 +1,10 @@
 # gpucluster test rig: shared helpers (paths, logging, subprocess, timing).
 import contextlib
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,3 +57,17 @@ def wait_for(fn, timeout, what, interval=0.2):
         if time.monotonic() > end:
             raise RuntimeError("timed out after %ss waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+class AccessLog:
+    """The mirrors' request log: JSON lines {ts, client, method, path, status, bytes} (tests read it)."""
+
+    def __init__(self, path):
+        self._f = open(path, "a", buffering=1)
+        self._lock = threading.Lock()
+
+    def write(self, handler, status, nbytes):
+        line = json.dumps({"ts": time.time(), "client": handler.client_address[0], "method": handler.command,
+                           "path": handler.path, "status": status, "bytes": nbytes})
+        with self._lock:
+            self._f.write(line + "\n")
