@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from .config import Host, Inventory, Profile
-from .knowledge import Engine
+from .knowledge import EngineFacts
 from .memory import GIB, Memory, estimate
 from .models import ModelFacts
 
@@ -31,13 +31,14 @@ class Setup:
 
     inventory: Inventory
     profile: Profile
-    engine: Engine
+    facts: EngineFacts
     model: ModelFacts | None
     hosts: tuple[Host, ...]          # the hosts this deployment uses, head first
     tp: int
     pp: int
     args: dict[str, Any]             # effective engine args (profile < inventory < --set), dashed names
     env: dict[str, str]              # effective container env (profile < inventory)
+    engine_checks: tuple = ()        # the engine plugin's own rules
 
     @property
     def gpus(self) -> int:
@@ -47,10 +48,10 @@ class Setup:
         if self.model is None:
             return None
         return estimate(model=self.model, tp=self.tp, pp=self.pp, gpu_mib=min(h.gpus.memory_mib for h in self.hosts),
-                        args=self.args, batched_rule=self.engine.batched_tokens_default)
+                        args=self.args, batched_rule=self.facts.batched_tokens_default)
 
 
-def _cc(text: str) -> tuple[int, int]:
+def capability(text: str) -> tuple[int, int]:
     major, _, minor = text.partition(".")
     return int(major), int(minor or 0)
 
@@ -95,31 +96,8 @@ def vocab_divisible(s: Setup) -> Iterator[Finding]:
                       fix="use a power-of-two tensor parallel size (1, 2, 4, 8)")
 
 
-def layers_divisible(s: Setup) -> Iterator[Finding]:
-    if not s.model or s.pp == 1 or s.model.layers % s.pp == 0:
-        return
-    base = s.model.layers // s.pp
-    stages = [base] * (s.pp - 1) + [base + s.model.layers % s.pp]
-    if s.engine.even_layers_required:
-        yield Finding(code="layers-not-divisible", severity=ERROR,
-                      message=f"{s.model.layers} layers do not divide into {s.pp} pipeline stages "
-                              f"(vLLM {s.engine.version} requires an even split)",
-                      fix="use a pipeline parallel size that divides the layer count")
-    else:
-        yield Finding(code="layers-not-divisible", severity=WARNING,
-                      message=f"{s.model.layers} layers over {s.pp} stages split unevenly: "
-                              f"{'/'.join(map(str, stages))} layers (the last stage is the bottleneck)",
-                      fix="set env VLLM_PP_LAYER_PARTITION to balance stages, or use a pp that divides "
-                          f"{s.model.layers}")
 
 
-def pp_supported(s: Setup) -> Iterator[Finding]:
-    if s.pp > 1 and not s.engine.pipeline_parallel:
-        yield Finding(code="pp-unsupported", severity=ERROR,
-                      message=f"vLLM {s.engine.version} does not implement pipeline parallelism "
-                              f"(pipeline_parallel {s.pp} raises NotImplementedError)",
-                      fix="set pipeline_parallel: 1 and tensor_parallel to the GPU count, "
-                          "or use a profile with vLLM >= 0.6.3")
 
 
 def enough_gpus(s: Setup) -> Iterator[Finding]:
@@ -149,40 +127,39 @@ def even_gpus(s: Setup) -> Iterator[Finding]:
 
 # ---------------------------------------------------------------- hardware vs image
 def compute_capability(s: Setup) -> Iterator[Finding]:
-    floor = max(_cc(s.engine.min_compute_capability), _cc(s.profile.min_compute_capability or "0.0"))
-    low = [h for h in s.hosts if _cc(h.gpus.compute_capability) < floor]
+    floor = capability(s.facts.min_compute_capability)
+    low = [h for h in s.hosts if capability(h.gpus.compute_capability) < floor]
     if low:
         names = ", ".join(f"{h.name} ({h.gpus.name or 'GPU'} cc {h.gpus.compute_capability})" for h in low)
         yield Finding(code="compute-capability", severity=ERROR,
-                      message=f"{s.profile.image} (torch {s.engine.torch}, CUDA {s.engine.cuda}) needs compute "
+                      message=f"{s.profile.image} (torch {s.facts.torch}, CUDA {s.facts.cuda}) needs compute "
                               f"capability >= {floor[0]}.{floor[1]}; {names} is below: \"The minimum cuda "
                               f"capability supported by this library is {floor[0]}.{floor[1]}\"",
-                      fix="use a profile whose image supports these GPUs (vllm-v0.3.0 or vllm-v0.6.3 for sm_70)")
+                      fix=_profiles_for(s.profile.engine, min(capability(h.gpus.compute_capability) for h in low)))
 
 
-def bf16_supported(s: Setup) -> Iterator[Finding]:
-    if not s.model:
-        return
-    from .memory import runtime_dtype
-    dtype = runtime_dtype(str(s.args.get("dtype", "auto")), s.model.dtype)
-    low = [h for h in s.hosts if _cc(h.gpus.compute_capability) < (8, 0)]
-    if dtype == "bfloat16" and low:
-        yield Finding(code="bf16-unsupported", severity=ERROR,
-                      message=f"the model runs in bfloat16 but {low[0].name} has compute capability "
-                              f"{low[0].gpus.compute_capability}: \"Bfloat16 is only supported on GPUs with "
-                              "compute capability of at least 8.0\"",
-                      fix="--set dtype=half (engine_args: {dtype: half})")
+def _profiles_for(engine: str, cc: tuple[int, int]) -> str:
+    """The fix for a capability finding: the shipped profiles whose image runs on these GPUs."""
+    from . import config, knowledge
+    ok = []
+    for name in config.available_profiles():
+        try:
+            p = config.load_profile(name)
+            if p.engine == engine and capability(knowledge.engine(engine, p.version).min_compute_capability) <= cc:
+                ok.append(name)
+        except Exception:  # noqa: BLE001 - a broken profile is simply not suggested
+            continue
+    where = f"compute capability {cc[0]}.{cc[1]}"
+    return f"use a profile whose image runs on {where}: {', '.join(ok)}" if ok else f"no shipped profile runs on {where}"
 
 
 def driver_recent(s: Setup) -> Iterator[Finding]:
-    if not s.profile.min_driver:
-        return
-    old = [h for h in s.hosts if h.gpus.driver and _ver(h.gpus.driver) < _ver(s.profile.min_driver)]
+    old = [h for h in s.hosts if h.gpus.driver and _ver(h.gpus.driver) < _ver(s.facts.min_driver)]
     if old:
         names = ", ".join(f"{h.name} ({h.gpus.driver})" for h in old)
         yield Finding(code="driver-too-old", severity=ERROR,
-                      message=f"{s.profile.image} (CUDA {s.profile.cuda or s.engine.cuda}) needs NVIDIA driver >= "
-                              f"{s.profile.min_driver}; {names} is older",
+                      message=f"{s.profile.image} (CUDA {s.facts.cuda}) needs NVIDIA driver >= "
+                              f"{s.facts.min_driver}; {names} is older",
                       fix="upgrade the driver, or use a profile with an older CUDA")
 
 
@@ -217,77 +194,12 @@ def memory_fits(s: Setup) -> Iterator[Finding]:
                           f"GPUs / raise gpu-memory-utilization; {need} do not fit")
 
 
-# ---------------------------------------------------------------- engine version
-def flags_supported(s: Setup) -> Iterator[Finding]:
-    for name, value in s.args.items():
-        if value is False:
-            continue
-        flag = s.engine.flag(name)
-        if flag is None:
-            yield Finding(code="unsupported-flag", severity=ERROR,
-                          message=f"vLLM {s.engine.version} has no --{name} (\"unrecognized arguments: --{name}\")",
-                          fix=f"remove {name} from engine_args, or use a profile whose vLLM has it")
-        elif flag.choices and not isinstance(value, (bool, list)) and str(value) not in map(str, flag.choices):
-            yield Finding(code="unsupported-flag", severity=ERROR,
-                          message=f"vLLM {s.engine.version}: --{name} {value} is not one of "
-                                  f"{', '.join(map(str, flag.choices))}",
-                          fix=f"set {name} to one of: {', '.join(map(str, flag.choices))}")
-        elif value is not True and not flag.value:
-            yield Finding(code="unsupported-flag", severity=ERROR,
-                          message=f"--{name} is a bare switch in vLLM {s.engine.version}; got a value ({value!r})",
-                          fix=f"set {name}: true (or false to leave it out)")
-        elif value is True and flag.value and not flag.bare_ok:
-            yield Finding(code="unsupported-flag", severity=ERROR,
-                          message=f"--{name} takes a value in vLLM {s.engine.version}, got a bare flag (true)",
-                          fix=f"give {name} a value")
-
-
-def batched_tokens_cover_len(s: Setup) -> Iterator[Finding]:
-    m = s.memory()
-    over = s.engine.chunked_prefill_over
-    chunked = s.args.get("enable-chunked-prefill") is True or (over is not None and m and m.max_model_len > over)
-    if m and not chunked and m.batched_tokens < m.max_model_len:
-        yield Finding(code="batched-tokens-too-small", severity=ERROR,
-                      message=f"max_num_batched_tokens ({m.batched_tokens}) is smaller than max_model_len "
-                              f"({m.max_model_len}): vLLM {s.engine.version} refuses to start",
-                      fix=f"--set max-num-batched-tokens={m.max_model_len} or lower max-model-len")
-
-
-def arch_supported(s: Setup) -> Iterator[Finding]:
-    if s.model and s.engine.architectures and s.model.architecture not in s.engine.architectures:
-        tf = s.engine.requires.get("transformers", "?")
-        yield Finding(code="arch-unsupported", severity=ERROR,
-                      message=f"vLLM {s.engine.version} (transformers {tf}) does not support {s.model.architecture} "
-                              f"(model type `{s.model.model_type}` is not recognized)",
-                      fix="use a profile with a newer vLLM that lists this architecture, or another model")
-
-
-def host_ip_honoured(s: Setup) -> Iterator[Finding]:
-    if len(s.hosts) > 1 and not s.engine.honours_host_ip:
-        yield Finding(code="host-ip-ignored", severity=WARNING,
-                      message=f"vLLM {s.engine.version} ignores VLLM_HOST_IP and takes each node's IP from the "
-                              "route to 8.8.8.8: every host needs a default route through the NIC of its "
-                              "inventory address",
-                      fix="check `ip route get 8.8.8.8` on each host shows its inventory address (probe does), "
-                          "or use vLLM >= 0.6.3")
-
-
-def port_env_valid(s: Setup) -> Iterator[Finding]:
-    for key in ("VLLM_PORT", "VLLM_RPC_PORT"):
-        value = s.env.get(key)
-        if value is not None and not str(value).isdigit():
-            yield Finding(code="port-env-invalid", severity=ERROR,
-                          message=f"env {key}={value!r} is not an integer (a Kubernetes-style "
-                                  f"service variable?): vLLM fails with \"invalid literal for int()\"",
-                          fix=f"remove {key} from env or set it to a port number")
-
-
-ALL: tuple[Callable[[Setup], Iterator[Finding]], ...] = (
-    enough_gpus, pp_supported, heads_divisible, kv_heads_divisible, vocab_divisible, layers_divisible,
-    even_gpus, compute_capability, driver_recent, bf16_supported, arch_supported, flags_supported,
-    port_env_valid, host_ip_honoured, memory_fits, batched_tokens_cover_len,
+COMMON: tuple[Callable[[Setup], Iterator[Finding]], ...] = (
+    enough_gpus, heads_divisible, kv_heads_divisible, vocab_divisible, even_gpus, compute_capability,
+    driver_recent, memory_fits,
 )
 
 
 def run_all(s: Setup) -> list[Finding]:
-    return [f for check in ALL for f in check(s)]
+    """The common rules, then the engine's own."""
+    return [f for check in (*COMMON, *s.engine_checks) for f in check(s)]

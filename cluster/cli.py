@@ -1,4 +1,4 @@
-"""The gpucluster command line: parse, call core, render. Nothing else imports typer."""
+"""The gpucluster command line: parse, call a use case (ops), render. Nothing else imports typer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 from .errors import GpuclusterError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Bring up a vLLM endpoint on bare-metal GPU hosts from a YAML inventory, and take it down.")
+                  help="Bring up an LLM endpoint on bare-metal GPU hosts from a YAML inventory, and take it down.")
 
 InventoryArg = typer.Argument(..., metavar="INVENTORY", help="inventory YAML file")
 ProfileOpt = typer.Option(None, "--profile", help="profile name under profiles/ or a path")
@@ -20,7 +20,6 @@ ModelOpt = typer.Option(None, "--model", help="hub id or local model directory")
 TpOpt = typer.Option(None, "--tp", min=1, help="tensor parallel size")
 PpOpt = typer.Option(None, "--pp", min=1, help="pipeline parallel size")
 HostsOpt = typer.Option(None, "--hosts", help="comma-separated host names to use")
-SetOpt = typer.Option(None, "--set", help="engine arg override KEY=VALUE (repeatable)")
 JsonOpt = typer.Option(False, "--json", help="print one JSON object on stdout")
 
 
@@ -38,82 +37,10 @@ def err(text: str) -> None:
     sys.stderr.flush()
 
 
-# ---------------------------------------------------------------- rendering
-def render_table(p) -> str:
-    out = []
-    inv = p.inventory
-    out.append(f"cluster {inv.cluster.name}: {p.profile.name} ({p.profile.image}), model {inv.deploy.model} "
-               f"as {p.served_name!r}")
-    t = p.topology
-    out.append(f"topology: TP {t.tp} x PP {t.pp} on {', '.join(t.nodes)} (head {t.head}); {t.why}")
-    m = p.memory
-    if m:
-        g = m.as_dict()["gib"]
-        out.append(f"memory per GPU ({m.dtype}): total {g['gpu_total']} GiB, budget {g['budget']} GiB "
-                   f"({m.utilization:.0%}), weights {g['weights']}, profile peak {g['activations']} "
-                   f"({m.batched_tokens} tokens), context {g['context']}, CUDA graphs {g['cuda_graphs']}, "
-                   f"KV cache {g['kv_cache']} GiB = {m.blocks} blocks = {m.token_capacity} tokens "
-                   f"(max-model-len {m.max_model_len})")
-    out.append("")
-    if p.findings:
-        for f in p.findings:
-            out.append(f"{f.severity.upper():7} {f.code}: {f.message}")
-            out.append(f"        fix: {f.fix}")
-    else:
-        out.append("no findings")
-    out.append("")
-    out.append("steps:")
-    for s in p.steps:
-        out.append(f"  [{s.phase}] {s.host}: {s.reason}")
-        out.append(f"      $ {s.shell()}")
-    out.append("")
-    out.append(f"verdict: {p.verdict}")
-    return "\n".join(out)
-
-
-def _comment(text: str) -> str:
-    """Text safe inside a `#` comment: a newline from YAML must never end it."""
-    return " ".join(str(text).split())
-
-
-def render_sh(p) -> str:
-    """A commented bash runbook, a section per host, that performs the same bring-up by hand."""
-    lines = ["#!/usr/bin/env bash", "# " + _comment(f"gpucluster runbook for cluster {p.inventory.cluster.name}: "
-             f"{p.profile.image}, {p.inventory.deploy.model}, TP {p.topology.tp} x PP {p.topology.pp}"),
-             f"# verdict: {p.verdict}" + "".join(f"\n#   {_comment(f'{f.severity} {f.code}: {f.message}')}"
-                                               for f in p.findings),
-             "# Run each section on its host, in order; wait for each phase before the next.", "set -euo pipefail", ""]
-    current = None
-    for s in p.steps:
-        if (s.host, s.phase) != current:
-            where = "this machine" if s.host == "control" else f"host {s.host}"
-            if s.host != "control":
-                where += f" ({p.host(s.host).address})"
-            lines.append(f"# ---- {s.phase} on {where}")
-            current = (s.host, s.phase)
-        lines.append(f"# {_comment(s.reason)}")
-        if s.phase == "image" and s.argv[1] == "tag":
-            continue
-        if s.phase == "image":
-            image = p.profile.image
-            refs = " ".join(shlex.quote(a[-1]) for a in (s.argv, *s.fallbacks))
-            lines.append(f"for ref in {refs}; do docker pull \"$ref\" && {{ [ \"$ref\" = {shlex.quote(image)} ] || "
-                         f"docker tag \"$ref\" {shlex.quote(image)}; }} && break; done")
-            lines.append(f"docker image inspect {shlex.quote(image)} > /dev/null")
-        elif s.phase == "api" and p.api.env_file:
-            lines.append(f"# first: install -m 600 /dev/null {p.api.env_file}; echo VLLM_API_KEY=... > {p.api.env_file}")
-            lines.append(s.shell())
-        elif s.phase == "ready":
-            lines.append(f"until {shlex.join(s.argv)}; do sleep 10; done")
-        else:
-            lines.append(s.shell())
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------- commands
 @app.callback()
 def _root() -> None:
-    """Bring up a vLLM endpoint on bare-metal GPU hosts from a YAML inventory, and take it down."""
+    """Bring up an LLM endpoint on bare-metal GPU hosts from a YAML inventory, and take it down."""
 
 
 @app.command()
@@ -122,19 +49,21 @@ def plan(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, mod
          set_: Optional[List[str]] = typer.Option(None, "--set", help="engine arg override KEY=VALUE (repeatable)"),
          json_: bool = JsonOpt,
          format_: str = typer.Option("table", "--format", help="table | json | sh")) -> None:
-    """Offline: every finding that would make the deployment fail, and the exact per-host commands."""
-    from . import config, core
+    """Offline: every finding that would make the deployment fail, and the exact steps `up` runs per host."""
+    from . import config, ops, render
     if format_ not in ("table", "json", "sh"):
         raise config.ConfigError(f"--format {format_!r}: use table, json or sh")
-    inv, prof = core.load(inventory, profile=profile, model=model, hosts=_hosts(hosts))
-    p = core.make_plan(inv, prof, tp=tp, pp=pp, sets=config.parse_set(set_ or []))
+    inv, prof = ops.load(inventory, profile=profile, model=model, hosts=_hosts(hosts))
+    p = ops.make_plan(inv, prof, tp=tp, pp=pp, sets=config.parse_set(set_ or []))
+    take, release = ops.lock_steps(inv, p.deployment.head, "up")
+    steps = [*take, *p.steps, *release]
     fmt = "json" if json_ else format_
     if fmt == "json":
-        _emit(p.as_dict())
+        _emit({**p.as_dict(), "steps": [s.as_dict() for s in steps]})
     elif fmt == "sh":
-        sys.stdout.write(render_sh(p))
+        sys.stdout.write(render.runbook(p, steps))
     else:
-        sys.stdout.write(render_table(p) + "\n")
+        sys.stdout.write(render.table(p, steps) + "\n")
     raise typer.Exit(1 if p.verdict == "fail" else 0)
 
 
@@ -159,9 +88,9 @@ def _confirm(yes: bool, question: str) -> None:
 @app.command()
 def probe(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = AcceptOpt) -> None:
     """Connect to every host in parallel, gather facts, compare them with the inventory."""
-    from . import config, core, facts
+    from . import config, facts, ops
     inv = config.load_inventory(inventory)
-    probed = core.probe(inv, accept_new_host_keys=accept)
+    probed = ops.probe(inv, accept_new_host_keys=accept)
     bad = {h.name: facts.contradictions(h, probed[h.name]) for h in inv.hosts}
     if json_:
         _emit({"hosts": {n: f.as_dict() for n, f in probed.items()}, "contradictions": bad})
@@ -187,29 +116,29 @@ def probe(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = A
 def up(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, model: Optional[str] = ModelOpt,
        tp: Optional[int] = TpOpt, pp: Optional[int] = PpOpt, hosts: Optional[str] = HostsOpt,
        set_: Optional[List[str]] = typer.Option(None, "--set", help="engine arg override KEY=VALUE (repeatable)"),
-       yes: bool = YesOpt, dry_run: bool = typer.Option(False, "--dry-run", help="print phases and commands only"),
+       yes: bool = YesOpt, dry_run: bool = typer.Option(False, "--dry-run", help=(
+           "connect, run only the read-only checks, and print per host what would run and what is skipped")),
        json_: bool = JsonOpt, accept: bool = AcceptOpt,
        ready_timeout: float = typer.Option(1800, "--ready-timeout", help="seconds to wait for the model to load"),
        ray_timeout: float = typer.Option(180, "--ray-timeout", help="seconds to wait for every Ray node to join"),
        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr")) -> None:
-    """Probe, pull, deliver the model, start Ray and the API server, wait until it answers."""
-    from . import config, core
-    inv, prof = core.load(inventory, profile=profile, model=model, hosts=_hosts(hosts))
-    sets = config.parse_set(set_ or [])
-    if dry_run:
-        p = core.make_plan(inv, prof, tp=tp, pp=pp, sets=sets)
-        _emit(p.as_dict()) if json_ else sys.stdout.write(render_table(p) + "\n")
-        raise typer.Exit(1 if p.verdict == "fail" else 0)
-    report = core.up(inv, prof, tp=tp, pp=pp, sets=sets, progress=_progress(quiet or json_),
-                     accept_new_host_keys=accept, ready_timeout=ready_timeout, ray_timeout=ray_timeout)
+    """Probe, then run the plan's steps: image, model, engine containers, API server; wait until it answers."""
+    from . import config, ops, render
+    inv, prof = ops.load(inventory, profile=profile, model=model, hosts=_hosts(hosts))
+    result = ops.up(inv, prof, dry_run=dry_run, progress=_progress(quiet or json_ or dry_run),
+                    accept_new_host_keys=accept, tp=tp, pp=pp, sets=config.parse_set(set_ or []),
+                    ready_timeout=ready_timeout, ray_timeout=ray_timeout)
     if json_:
-        _emit(report.as_dict())
+        _emit(result.as_dict())
         return
-    p = report.plan
+    if dry_run:
+        sys.stdout.write(render.dry_run(result.report) + "\n")
+        return
+    p = result.plan
     auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if inv.deploy.api_key is not None else ""
     body = json.dumps({"model": p.served_name, "messages": [{"role": "user", "content": "Hello"}]})
     sys.stdout.write(f"endpoint: {p.endpoint}\nmodel: {p.served_name}\n"
-                     f"phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items()) + "\n"
+                     f"phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.report.phases.items()) + "\n"
                      f"try: curl {p.endpoint}/chat/completions -H 'Content-Type: application/json'{auth} "
                      f"-d {shlex.quote(body)}\n")
 
@@ -217,26 +146,35 @@ def up(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, model
 @app.command()
 def down(inventory: str = InventoryArg, purge_model: bool = typer.Option(False, "--purge-model",
          help="also delete the model files on the hosts"), yes: bool = YesOpt, json_: bool = JsonOpt,
+         dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed, remove nothing"),
          accept: bool = AcceptOpt) -> None:
-    """Stop the API server, the workers, then the head; remove exactly this cluster's containers."""
-    from . import core
-    inv, prof = core.load(inventory)
-    _confirm(yes, f"remove every gpucluster container of cluster {inv.cluster.name!r} on {len(inv.hosts)} host(s)"
-             + (" and the model files" if purge_model else ""))
-    report = core.down(inv, prof, purge_model=purge_model, accept_new_host_keys=accept)
+    """Remove exactly this cluster's containers (workers, then heads, then helpers) and its files on the hosts."""
+    from . import config, ops, render
+    inv = config.load_inventory(inventory)
+    if not dry_run:
+        _confirm(yes, f"remove every gpucluster container of cluster {inv.cluster.name!r} on {len(inv.hosts)} "
+                 "host(s)" + (" and the model files" if purge_model else ""))
+    report = ops.down(inv, purge_model=purge_model, dry_run=dry_run, accept_new_host_keys=accept)
     if json_:
-        _emit({"hosts": report})
+        _emit({"dry_run": dry_run, "steps": [o.as_dict() for o in report.outcomes],
+               "plan": [o.step.as_dict() for o in report.outcomes]})
+    elif dry_run:
+        sys.stdout.write(render.dry_run(report) + "\n")
     else:
-        for host, done in report.items():
-            sys.stdout.write(f"{host}: {', '.join(done) if done else 'nothing to remove'}\n")
+        done = {}
+        for o in report.outcomes:
+            if o.status == "ran":
+                done.setdefault(o.step.host, []).append(o.why)
+        for h in inv.hosts:
+            sys.stdout.write(f"{h.name}: {'; '.join(done.get(h.name, [])) or 'nothing to remove'}\n")
 
 
 @app.command()
 def status(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = AcceptOpt) -> None:
     """Containers per host, Ray nodes and GPUs, API health; exit 0 only when all is healthy."""
-    from . import core
-    inv, prof = core.load(inventory)
-    healthy, out = core.status(inv, prof, accept_new_host_keys=accept)
+    from . import ops
+    inv, prof = ops.load(inventory)
+    healthy, out = ops.status(inv, prof, accept_new_host_keys=accept)
     if json_:
         _emit(out)
     else:
@@ -246,8 +184,9 @@ def status(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = 
                 continue
             cs = ", ".join(f"{c['role']} {c['state']} ({c['id']})" for c in h["containers"]) or "no containers"
             sys.stdout.write(f"{name}: {cs}\n")
-        sys.stdout.write(f"ray: {len(out['ray']['nodes'])} nodes, {out['ray']['gpus']:g} GPUs\n"
-                         f"api: {'healthy' if out['api']['health'] else 'not answering'}"
+        if "ray" in out:
+            sys.stdout.write(f"ray: {len(out['ray']['nodes'])} nodes, {out['ray']['gpus']:g} GPUs\n")
+        sys.stdout.write(f"api: {'healthy' if out['api']['health'] else 'not answering'}"
                          f"{', serving ' + ', '.join(out['api']['models']) if out['api']['models'] else ''}\n")
         for problem in out["problems"]:
             sys.stdout.write(f"PROBLEM {problem}\n")
@@ -257,13 +196,11 @@ def status(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = 
 
 @app.command()
 def logs(inventory: str = InventoryArg, host: Optional[str] = typer.Option(None, "--host"),
-         component: Optional[str] = typer.Option(None, "--component", help="api | ray-head | ray-worker"),
+         component: Optional[str] = typer.Option(None, "--component", help="e.g. api, ray-head, ray-worker"),
          follow: bool = typer.Option(False, "--follow", "-f"), tail: int = typer.Option(100, "--tail", min=0)) -> None:
     """Logs from the hosts' containers, each line prefixed by host and component."""
-    from . import config, core
-    if component not in (None, "api", "ray-head", "ray-worker"):
-        raise config.ConfigError(f"--component {component!r}: use api, ray-head or ray-worker")
-    inv, prof = core.load(inventory)
+    from . import ops
+    inv, prof = ops.load(inventory)
     lock = __import__("threading").Lock()
 
     def sink(line: str) -> None:
@@ -271,7 +208,7 @@ def logs(inventory: str = InventoryArg, host: Optional[str] = typer.Option(None,
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
     try:
-        code = core.logs(inv, prof, host=host, component=component, tail=tail, follow=follow, sink=sink)
+        code = ops.logs(inv, prof, host=host, component=component, tail=tail, follow=follow, sink=sink)
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(0 if code == 0 else 1)
@@ -280,9 +217,9 @@ def logs(inventory: str = InventoryArg, host: Optional[str] = typer.Option(None,
 @app.command()
 def doctor(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = AcceptOpt) -> None:
     """Probe the hosts and re-plan with what was measured: every problem `up` would hit, changing nothing."""
-    from . import core
-    inv, prof = core.load(inventory)
-    p, found = core.doctor(inv, prof, accept_new_host_keys=accept)
+    from . import ops, render
+    inv, prof = ops.load(inventory)
+    p, found = ops.doctor(inv, prof, accept_new_host_keys=accept)
     unreachable = [n for n, h in found["hosts"].items() if not h["reachable"]]
     if json_:
         _emit({**p.as_dict(), **found})
@@ -290,7 +227,7 @@ def doctor(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = 
         for name, issues in found["contradictions"].items():
             for c in issues:
                 sys.stdout.write(f"{name}: {c}\n")
-        sys.stdout.write(render_table(p) + "\n")
+        sys.stdout.write(render.table(p) + "\n")
     raise typer.Exit(3 if unreachable else (1 if p.verdict == "fail" else 0))
 
 
@@ -301,13 +238,17 @@ app.add_typer(model_app, name="model")
 @model_app.command("pull")
 def model_pull(inventory: str = InventoryArg, model: Optional[str] = ModelOpt, json_: bool = JsonOpt,
                accept: bool = AcceptOpt, verify: bool = typer.Option(
-                   False, "--verify", help="re-list the source and sha256 every file on every host")) -> None:
-    """Put the model on every host that needs it (the model phase of `up`, alone)."""
-    from . import core
-    inv, prof = core.load(inventory, model=model)
-    result = core.model_pull(inv, prof, progress=_progress(json_), accept_new_host_keys=accept, verify=verify)
+                   False, "--verify", help="re-list the source and sha256 every file on every host"),
+               dry_run: bool = typer.Option(False, "--dry-run", help="only the checks: what would be fetched")) -> None:
+    """Put the model on every host that needs it (the image and model phases of `up`, alone)."""
+    from . import ops, render
+    inv, prof = ops.load(inventory, model=model)
+    result, report = ops.model_pull(inv, prof, progress=_progress(json_), accept_new_host_keys=accept,
+                                    verify=verify, dry_run=dry_run)
     if json_:
-        _emit({"hosts": result})
+        _emit({"hosts": result, "steps": [o.as_dict() for o in report.outcomes]})
+    elif dry_run:
+        sys.stdout.write(render.dry_run(report) + "\n")
     else:
         for host, what in result.items():
             sys.stdout.write(f"{host}: {what}\n")

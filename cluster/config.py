@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import hashlib
 import ipaddress
 import os
 import re
@@ -12,14 +13,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from importlib import resources
 from typing import Any, Literal, Union
 
 import yaml
 
 from .errors import ConfigError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-Scalar = Union[str, int, float, bool]
 
 
 # ---------------------------------------------------------------- secrets
@@ -43,6 +42,14 @@ class Secret:
             return path.read_text().strip()
         except OSError as e:
             raise ConfigError(f"cannot read secret file {path}: {e.strerror}") from None
+
+    def digest(self, salt: str) -> str:
+        """A salted digest of the value (for spec hashes: a rotated secret changes the hash), or "unset"."""
+        try:
+            value = self.reveal()
+        except ConfigError:
+            return "unset"
+        return hashlib.sha256(f"{salt}\0{value}".encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return "***"
@@ -105,6 +112,7 @@ class Cluster:
     model_dir: str = field(default="/data/models", metadata={"pattern": r"^/[^\x00-\x1f\x7f]*$"})
     shared_model_dir: bool = False
     registry_mirrors: list[str] = field(default_factory=list)
+    transfer_port: int = field(default=29650, metadata={"range": (1024, 65535)})   # head -> hosts model copies
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,18 +172,16 @@ class DockerOptions:
 @dataclass(frozen=True, kw_only=True)
 class Profile:
     name: str
-    engine: Literal["vllm"] = "vllm"
+    engine: str = "vllm"                       # an engine plugin (cluster/engines)
     version: str = field(metadata={"pattern": r"^\d+\.\d+\.\d+(\.\d+)?$"})
     image: str
     registry_mirrors: list[str] = field(default_factory=list)
-    min_compute_capability: str | None = field(default=None, metadata={"pattern": r"^\d+\.\d$"})
-    cuda: str | None = None
-    min_driver: str | None = field(default=None, metadata={"pattern": r"^\d+(\.\d+)*$"})
     docker: DockerOptions = field(default_factory=DockerOptions)
     env: dict[str, str] = field(default_factory=dict)
     engine_args: dict[str, Any] = field(default_factory=dict)
     port: int = field(default=8000, metadata={"range": (1, 65535)})
     path: str = field(default="", metadata={"internal": True})
+    lines: dict = field(default_factory=dict, metadata={"internal": True}, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------- YAML with line numbers
@@ -405,16 +411,8 @@ def load_inventory(path: str | Path) -> Inventory:
     engine_at = at.child("deploy", data).child("engine_args", data["deploy"])
     _check_engine_args(inv.deploy.engine_args, engine_at)
     deploy = data["deploy"]
-    lines = {f"deploy.{k}": deploy.lines.get(k) for k in ("profile", "model")} if isinstance(deploy, _Map) else {}
+    lines = {**_lines(deploy, "deploy"), **_lines(deploy.get("engine_args"), "deploy.engine_args")}
     return dataclasses.replace(inv, path=file, lines=lines)
-
-
-# Flags gpucluster sets itself from other fields; users set them there instead.
-MANAGED_FLAGS = {
-    "model": "deploy.model", "tensor-parallel-size": "deploy.tensor_parallel",
-    "pipeline-parallel-size": "deploy.pipeline_parallel", "served-model-name": "deploy.served_model_name",
-    "port": "deploy.port", "host": "(gpucluster binds 0.0.0.0)", "api-key": "deploy.api_key",
-}
 
 
 def flag_name(key: str) -> str:
@@ -424,30 +422,37 @@ def flag_name(key: str) -> str:
 
 def _check_engine_args(args: dict[str, Any], at: _At) -> None:
     for key, value in args.items():
-        name = flag_name(key)
-        if name in MANAGED_FLAGS:
-            raise at.child(key, args).error("gpucluster sets this flag itself", fix=f"use {MANAGED_FLAGS[name]}")
         ok = isinstance(value, (str, int, float, bool)) or (
             isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value))
         if not ok:
             raise at.child(key, args).error(f"expected a scalar or a list of scalars, got {_describe(value)}")
 
 
+def _lines(data: Any, prefix: str) -> dict[str, int]:
+    """`prefix.key` -> line for each key of a mapping read from YAML."""
+    return {f"{prefix}.{k}": line for k, line in getattr(data, "lines", {}).items()}
+
+
+SHIPPED_PROFILES = resources.files("cluster") / "profiles"   # in the wheel; a link to ../profiles in a checkout
+
+
+def _profile_folders() -> list[Path]:
+    return [Path.cwd() / "profiles", Path(str(SHIPPED_PROFILES))]
+
+
 def profile_path(ref: str, *, base: Path | None = None) -> Path:
-    """A profile reference is a file path, or a name under ./profiles or the repo's profiles/."""
+    """A profile reference is a file path, or a name under ./profiles or the shipped profiles."""
     if ref.endswith((".yaml", ".yml")) or "/" in ref:
         p = Path(ref).expanduser()
         return p if p.is_absolute() or base is None else (base / p if (base / p).exists() else p)
-    for folder in (Path.cwd() / "profiles", REPO_ROOT / "profiles"):
+    for folder in _profile_folders():
         if (folder / f"{ref}.yaml").exists():
             return folder / f"{ref}.yaml"
-    return REPO_ROOT / "profiles" / f"{ref}.yaml"
+    return _profile_folders()[-1] / f"{ref}.yaml"
 
 
 def available_profiles() -> list[str]:
-    names = {p.stem for folder in (Path.cwd() / "profiles", REPO_ROOT / "profiles") if folder.is_dir()
-             for p in folder.glob("*.yaml")}
-    return sorted(names)
+    return sorted({p.stem for folder in _profile_folders() if folder.is_dir() for p in folder.glob("*.yaml")})
 
 
 def load_profile(ref: str, *, inventory: Inventory | None = None) -> Profile:
@@ -465,7 +470,8 @@ def load_profile(ref: str, *, inventory: Inventory | None = None) -> Profile:
     at = _root(data, str(path))
     profile = _build(Profile, data, at)
     _check_engine_args(profile.engine_args, at.child("engine_args", data))
-    return dataclasses.replace(profile, path=str(path))
+    lines = {"engine": data.lines.get("engine"), **_lines(data.get("engine_args"), "engine_args")}
+    return dataclasses.replace(profile, path=str(path), lines=lines)
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -482,5 +488,4 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not isinstance(value, (str, int, float, bool)):
             value = raw
         out[key.strip()] = value
-    _check_engine_args(out, _At("--set", "", None))
     return out

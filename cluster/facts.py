@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass, field
 
 from .config import GPUs, Host, Inventory
-from .docker import Observed
 
 GPU_FIELDS = ("index", "name", "memory.total", "compute_cap", "driver_version", "pci.bus_id", "uuid")
 GPU_QUERY = ("nvidia-smi", f"--query-gpu={','.join(GPU_FIELDS)}", "--format=csv,noheader,nounits")
@@ -27,6 +26,18 @@ IP_ADDR = ("ip", "-j", "addr", "show")
 ROUTE_TO_INTERNET = ("ip", "-j", "route", "get", "8.8.8.8")   # a route lookup; sends nothing
 CLOCK = ("date", "+%s.%N")
 MEMINFO = ("cat", "/proc/meminfo")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What `docker inspect` says about a container (parse_inspect)."""
+
+    name: str
+    id: str
+    running: bool
+    status: str
+    labels: dict[str, str] = field(default_factory=dict)
+    image_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def _reason(e: BaseException) -> str:
         return f"cannot connect: {', '.join(sorted({str(x.strerror or x) for x in e.errors.values()}))}"
     if isinstance(e, (socket.timeout, TimeoutError)):
         return "connection timed out"
-    return f"{type(e).__name__}: {e}"
+    return " ".join(f"{type(e).__name__}: {e}".split())[:400]   # one line, whatever the exception held
 
 
 class Hosts:
@@ -207,7 +207,8 @@ def describe(e: BaseException) -> str:
     return _reason(e)
 
 
-def stream(hosts: Hosts, host: Host, argv: list[str], sink: Callable[[str], None]) -> int:
+def stream(hosts: Hosts, host: Host, argv: list[str], sink: Callable[[str], None], *,
+           timeout: float | None = None) -> int:
     """Run argv and feed each output line to sink as it arrives (for `logs --follow`)."""
     conn = hosts._connection(host)
     hosts._open(conn, host)
@@ -224,7 +225,8 @@ def stream(hosts: Hosts, host: Host, argv: list[str], sink: Callable[[str], None
             return len(s)
 
     out = _Lines()
-    r = conn.run(shlex.join(argv), hide=True, warn=True, in_stream=False, out_stream=out, err_stream=out)
+    r = conn.run(shlex.join(argv), hide=True, warn=True, in_stream=False, out_stream=out, err_stream=out,
+                 timeout=timeout)
     if out.buf:
         sink(out.buf)
     return r.exited

@@ -1,4 +1,4 @@
-"""Engine and model facts as data: flag tables per vLLM version, engine traits, model catalog."""
+"""Engine and model facts as data, keyed by engine and version: flag tables, image facts, model catalog."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ class Flag:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Engine:
-    """What gpucluster must know about one pinned engine version."""
+class EngineFacts:
+    """What gpucluster must know about one pinned engine version and its official image."""
 
+    engine: str
     version: str
     entrypoint: tuple[str, ...]
     pipeline_parallel: bool
@@ -33,6 +34,7 @@ class Engine:
     min_compute_capability: str
     torch: str
     cuda: str
+    min_driver: str
     v1: bool
     batched_tokens_default: str
     chunked_prefill_over: int | None   # max-model-len above which chunked prefill is on by default
@@ -61,8 +63,8 @@ class Engine:
         return None
 
 
-def known_versions() -> list[str]:
-    return sorted(_traits()["vllm"], key=lambda v: tuple(int(p) for p in v.split(".")))
+def known_versions(name: str) -> list[str]:
+    return sorted(_traits().get(name, {}), key=lambda v: tuple(int(p) for p in v.split(".")))
 
 
 @lru_cache(maxsize=1)
@@ -71,17 +73,18 @@ def _traits() -> dict:
 
 
 @lru_cache(maxsize=None)
-def engine(version: str) -> Engine:
-    """The facts for one vLLM version; a version without data is a config error."""
-    traits = _traits()["vllm"].get(version)
-    table_path = HERE / "vllm" / f"{version}.json"
+def engine(name: str, version: str) -> EngineFacts:
+    """The facts for one engine version; a version without data is a config error."""
+    traits = _traits().get(name, {}).get(version)
+    table_path = HERE / name / f"{version}.json"
     if traits is None or not table_path.exists():
-        raise ConfigError(f"no engine data for vLLM {version}", field="profile.version",
-                          fix="use one of: " + ", ".join(known_versions()))
+        raise ConfigError(f"no engine data for {name} {version}", field="profile.version",
+                          fix="use one of: " + ", ".join(known_versions(name)))
     table = json.loads(table_path.read_text())
     flags = {name: Flag(value=bool(f.get("value")), choices=tuple(f["choices"]) if f.get("choices") else None,
                         bare_ok=f.get("nargs") == "?") for name, f in table["flags"].items()}
-    return Engine(
+    return EngineFacts(
+        engine=name,
         version=version,
         entrypoint=tuple(traits["entrypoint"]),
         pipeline_parallel=traits["pipeline_parallel"],
@@ -90,6 +93,7 @@ def engine(version: str) -> Engine:
         min_compute_capability=str(traits["min_compute_capability"]),
         torch=str(traits["torch"]),
         cuda=str(traits["cuda"]),
+        min_driver=str(traits["min_driver"]),
         v1=traits["engine"] == "v1",
         batched_tokens_default=str(traits["batched_tokens_default"]),
         chunked_prefill_over=traits.get("chunked_prefill_over"),

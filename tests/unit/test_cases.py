@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import core
+from cluster import ops
 
 CASES = sorted((Path(__file__).parent.parent / "cases").rglob("*.yaml"))
 
@@ -15,8 +15,8 @@ CASES = sorted((Path(__file__).parent.parent / "cases").rglob("*.yaml"))
 def _plan(case: dict, tmp_path: Path):
     inv_file = tmp_path / "inventory.yaml"
     inv_file.write_text(yaml.safe_dump(case["inventory"]))
-    inv, prof = core.load(str(inv_file))
-    return core.make_plan(inv, prof, sets=case.get("set"))
+    inv, prof = ops.load(str(inv_file))
+    return ops.make_plan(inv, prof, sets=case.get("set"))
 
 
 @pytest.mark.parametrize("path", CASES, ids=[str(p.relative_to(p.parent.parent)) for p in CASES])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import config, core
+from cluster import config, ops
 from cluster.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,8 +96,8 @@ def test_good_inventory_loads(tmp_path):
 def test_config_error_names_file_line_field_fix(case, tmp_path):
     _, text, line_needle, field, words, fix = case
     path = _write(tmp_path, text)
-    with pytest.raises(ConfigError) as exc:
-        config.load_inventory(path)
+    with pytest.raises(ConfigError) as exc:     # at load, or (flags the engine manages) when planned
+        ops.make_plan(*ops.load(path))
     e = exc.value
     msg = str(e)
     assert "\n" not in msg
@@ -173,9 +173,9 @@ def test_local_model_without_config_json(tmp_path):
     folder = tmp_path / "my-model"
     folder.mkdir()
     path = _write(tmp_path, _edit("model: Qwen/Qwen2.5-7B-Instruct", f"model: {folder}"))
-    inv, prof = core.load(str(path))
+    inv, prof = ops.load(str(path))
     with pytest.raises(ConfigError) as exc:
-        core.make_plan(inv, prof)
+        ops.make_plan(inv, prof)
     assert exc.value.field == "deploy.model"
     assert exc.value.file == str(path)
     assert "config.json" in str(exc.value) and exc.value.fix
@@ -188,9 +188,9 @@ def test_local_model_without_config_json(tmp_path):
     (["--port=9000"], "sets this flag itself"),
     (["api_key=x"], "sets this flag itself"),
 ])
-def test_bad_set(items, words):
+def test_bad_set(items, words, tmp_path):
     with pytest.raises(ConfigError) as exc:
-        config.parse_set(items)
+        ops.make_plan(*ops.load(_write(tmp_path, GOOD)), sets=config.parse_set(items))
     assert words in str(exc.value) and exc.value.fix
 
 
@@ -210,7 +210,7 @@ def test_missing_file(tmp_path):
 def test_unknown_hosts_name(tmp_path):
     path = _write(tmp_path, GOOD)
     with pytest.raises(ConfigError) as exc:
-        core.load(str(path), hosts=["gpu208", "gpu299"])
+        ops.load(str(path), hosts=["gpu208", "gpu299"])
     assert "gpu299" in str(exc.value) and "gpu208, gpu209" in exc.value.fix
 
 

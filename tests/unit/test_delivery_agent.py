@@ -1,4 +1,5 @@
-"""The delivery agent against an in-process HF-like server (with and without Range) and over loopback TCP."""
+"""The delivery agent against an in-process HF-like server (with and without Range, hostile listings), and
+one host serving another over loopback."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cluster import delivery as d
+from cluster.delivery import agent as d
 
 FILES = {"config.json": b'{"model_type": "qwen2"}\n', "model.safetensors": os.urandom(300_000) + b"end",
          "sub/tokenizer.json": b"{}" * 1000, "weights.pth": b"p" * 10}
@@ -144,39 +145,59 @@ def test_missing_repo_and_token_errors_are_one_line(tmp_path):
         h.server.shutdown()
 
 
-def test_send_recv_over_loopback_with_token(tmp_path):
+class HostileHub(Hub):
+    """A hub whose file list names paths outside the model folder."""
+
+    def __init__(self, path: str):
+        super().__init__(ranges=False)
+        bad = {"type": "file", "path": path, "size": 4, "oid": git_oid(b"evil")}
+        handler = self.server.RequestHandlerClass
+        original = handler.do_GET
+
+        def do_GET(h):
+            if h.path.startswith("/api/models/org/model/tree/c0ffee"):
+                return h._send(200, json.dumps([bad]).encode())
+            if "/resolve/" in h.path:
+                return h._send(200, b"evil")
+            return original(h)
+        handler.do_GET = do_GET
+
+
+@pytest.mark.parametrize("path", ["../escaped.txt", "/tmp/gpucluster-test-abs.txt", "sub/../../up.txt"])
+def test_hostile_listing_writes_nothing_outside_the_folder(tmp_path, path):
+    h = HostileHub(path)
+    target = tmp_path / "inside" / "model"
+    target.mkdir(parents=True)
+    try:
+        with pytest.raises(d.AgentError, match="not a plain relative path"):
+            d.agent_sync(job(h.endpoint, exclude=[]), str(target), lambda e: None)
+    finally:
+        h.server.shutdown()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert not os.path.exists("/tmp/gpucluster-test-abs.txt")
+    assert h.files_served() == [], "nothing was downloaded"
+
+
+def test_one_host_serves_another_over_loopback_with_a_token(tmp_path, hub):
     src, dst = tmp_path / "src", tmp_path / "dst"
-    (src / "sub").mkdir(parents=True)
-    files = []
-    for p in ("config.json", "sub/tokenizer.json", "model.safetensors"):
-        (src / p).write_bytes(FILES[p])
-        files.append({"path": p, "size": len(FILES[p]), "sha256": hashlib.sha256(FILES[p]).hexdigest()})
-    port, events, box = [], [], {}
-
-    def emit(ev):
-        events.append(ev)
-        if ev["ev"] == "listening":
-            port.append(ev["port"])
-
-    def recv():
-        try:
-            box["r"] = d.agent_recv({"bind": "127.0.0.1", "peer": "127.0.0.1", "files": files, "accept_timeout": 20},
-                                    str(dst), emit, "tok")
-        except Exception as e:  # noqa: BLE001
-            box["e"] = e
-
-    t = threading.Thread(target=recv)
-    t.start()
-    while not port and t.is_alive():
+    d.agent_sync(job(hub.endpoint), str(src), lambda e: None)       # a verified copy with a manifest
+    (tmp_path / "token").write_text(f"{d.TRANSFER_ENV}=tok\n")
+    events: list = []
+    server = threading.Thread(target=d.agent_serve, daemon=True, args=(
+        {"bind": "127.0.0.1", "port": 0, "idle": 5}, str(src), events.append, "tok"))
+    server.start()
+    while not any(e["ev"] == "listening" for e in events):
         threading.Event().wait(0.05)
-    import socket
-    with socket.create_connection(("127.0.0.1", port[0])) as s:     # a wrong token is refused
-        s.sendall(b"nope\n")
-    d.agent_send({"host": "127.0.0.1", "port": port[0], "files": [f["path"] for f in files]}, str(src),
-                 lambda e: None, "tok")
-    t.join(20)
-    assert "e" not in box, box.get("e")
-    assert sorted(box["r"]["received"]) == sorted(f["path"] for f in files)
-    for f in files:
-        assert (dst / f["path"]).read_bytes() == FILES[f["path"]]
-    assert any(ev["ev"] == "note" and "bad token" in ev["msg"] for ev in events)
+    port = next(e["port"] for e in events if e["ev"] == "listening")
+    peer = {**job(f"http://127.0.0.1:{port}"), "kind": "peer", "peer_name": "h1"}
+    with pytest.raises(d.AgentError, match="HTTP 401"):                       # a wrong token is refused
+        d.agent_sync(peer, str(dst), lambda e: None, token="nope")
+    (dst / "sub").mkdir(parents=True)
+    (dst / "sub" / "tokenizer.json").write_bytes(b"x" * len(FILES["sub/tokenizer.json"]))   # corrupt, same size
+    done = d.agent_sync(peer, str(dst), lambda e: None, token=d.read_token(str(tmp_path / "token")))
+    assert done["summary"].startswith("repaired 3 file(s)") and done["summary"].endswith("from h1")
+    for p, data in FILES.items():
+        if p != "weights.pth":                                               # excluded on the source
+            assert (dst / p).read_bytes() == data
+    again = d.agent_sync(peer, str(dst), lambda e: None, token="tok")
+    assert again["summary"] == "present" and again["fetched"] == []

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import core
+from cluster import ops
 
 V100 = {"count": 2, "name": "Tesla V100-PCIE-16GB", "memory_mib": 16160, "compute_capability": "7.0"}
 
@@ -18,7 +18,7 @@ def _plan(tmp_path: Path, model: str, profile: str, hosts: int = 3, **deploy):
            "deploy": {"profile": profile, "model": model, "engine_args": {"max-model-len": 4096}, **deploy}}
     path = tmp_path / "inv.yaml"
     path.write_text(yaml.safe_dump(inv))
-    return core.make_plan(*core.load(str(path)))
+    return ops.make_plan(*ops.load(str(path)))
 
 
 def test_pipeline_stages_use_whole_hosts_when_chosen(tmp_path):

@@ -1,0 +1,491 @@
+"""The delivery agent: stdlib only (Python >= 3.8), run on a host inside a throwaway container of the
+deployment's image (or on this machine), beside manifest.py:
+
+    python3 agent.py sync JOB.json     download what the model folder lacks from a hub or a peer, verify it
+    python3 agent.py serve JOB.json    serve a verified model folder to the other hosts (token, read-only)
+    python3 agent.py index JOB.json    hash a local model folder and write its manifest
+
+Events are JSON lines on stdout ({"ev": "plan" | "progress" | "note" | "done" | "error", ...}).
+Everything a hub, a mirror or a peer sends is untrusted: paths are confined to the model folder and
+every file is checked against the listed size and sha256 (or git blob id) before it is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+try:
+    from .manifest import (MANIFEST, PARTIAL_DIR, Entry, confined, human, ignored, manifest_doc, manifest_files,
+                           plan_host, safe_relpath, select)
+except ImportError:   # run as a script on a host, manifest.py beside it
+    from manifest import (MANIFEST, PARTIAL_DIR, Entry, confined, human, ignored, manifest_doc,  # type: ignore
+                          manifest_files, plan_host, safe_relpath, select)
+
+TOKEN_ENV = "GPUCLUSTER_SOURCE_TOKEN"
+TRANSFER_ENV = "GPUCLUSTER_TRANSFER_TOKEN"
+CHUNK = 1 << 20
+
+
+class AgentError(Exception):
+    """One line for the user."""
+
+
+def _emit_stdout(event: Dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+class _NoAuthOnRedirect(urllib.request.HTTPRedirectHandler):
+    """Authorization is added unredirected; it follows a redirect only to the same host (never to a CDN)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if new is not None and auth and urllib.parse.urlsplit(newurl).netloc in ("", urllib.parse.urlsplit(
+                req.full_url).netloc):
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+def _opener():
+    return urllib.request.build_opener(_NoAuthOnRedirect())
+
+
+def _request(url: str, token: Optional[str], headers: Optional[Dict[str, str]] = None) -> urllib.request.Request:
+    req = urllib.request.Request(url, headers={"User-Agent": "gpucluster-delivery/1", **(headers or {})})
+    if token:
+        req.add_unredirected_header("Authorization", f"Bearer {token}")
+    return req
+
+
+def _http_error(job: Dict[str, Any], code: int, what: str, token: Optional[str]) -> AgentError:
+    repo, rev, ep = job["repo"], job.get("revision"), job["endpoint"]
+    if code in (401, 403):
+        why = ("access denied: gated or private (accept the license on the hub, check source.token)" if token else
+               "not found, gated or private (olah and HF answer 401 for all three; check deploy.model, "
+               "source.revision, or set source.token)")
+    elif code == 404:
+        why = "not found (check deploy.model and source.revision)"
+    else:
+        why = f"the server failed (HTTP {code}; mirrors answer 5xx for missing repositories too)"
+    return AgentError(f"{repo}@{rev} at {ep}: {what}: {why} [HTTP {code}]")
+
+
+def _get_json(job: Dict[str, Any], url: str, token: Optional[str], what: str) -> Tuple[Any, Any]:
+    try:
+        with _opener().open(_request(url, token), timeout=60) as r:
+            return json.loads(r.read().decode()), r.headers
+    except urllib.error.HTTPError as e:
+        raise _http_error(job, e.code, what, token) from None
+    except (urllib.error.URLError, OSError) as e:
+        raise AgentError(f"{job['endpoint']}: cannot reach the model source ({getattr(e, 'reason', e)})") from None
+    except ValueError:
+        raise AgentError(f"{url}: the answer is not JSON (is source.endpoint a hub?)") from None
+
+
+def list_remote(job: Dict[str, Any], token: Optional[str]) -> Tuple[str, List[Entry]]:
+    """(commit, files) at the revision; a listing is untrusted: a path that could leave the folder is refused."""
+    commit, files = _list_remote(job, token)
+    for f in files:
+        if not isinstance(f.get("path"), str) or not safe_relpath(f["path"]) or not isinstance(f.get("size"), int) \
+                or f["size"] < 0:
+            raise AgentError(f"{job['endpoint']}: the file list names {str(f.get('path'))[:80]!r} "
+                             f"({f.get('size')!r} bytes), which is not a plain relative path: refusing the listing")
+    return commit, files
+
+
+def _list_remote(job: Dict[str, Any], token: Optional[str]) -> Tuple[str, List[Entry]]:
+    """(commit, files) of the repository at the revision: sizes, and sha256 / git blob ids."""
+    ep, repo, rev = job["endpoint"].rstrip("/"), job["repo"], job["revision"]
+    q = urllib.parse.quote
+    if job["kind"] == "peer":     # another host's copy, served by `agent serve`
+        doc, _ = _get_json(job, f"{ep}/manifest", token, "manifest")
+        files = [{k: f.get(k) for k in ("path", "size", "sha256", "oid")} for f in doc.get("files", [])
+                 if isinstance(f, dict)] if isinstance(doc, dict) else []
+        return str(doc.get("commit", "")) if isinstance(doc, dict) else "", files
+    if job["kind"] == "modelscope":
+        url = f"{ep}/api/v1/models/{q(repo)}/repo/files?Revision={q(rev, safe='')}&Recursive=True"
+        doc, _ = _get_json(job, url, token, "file list")
+        if not isinstance(doc, dict) or not doc.get("Success", doc.get("Code") == 200):
+            raise AgentError(f"{repo}@{rev} at {ep}: {doc.get('Message') if isinstance(doc, dict) else doc}")
+        files = [{"path": f["Path"], "size": int(f["Size"]), "sha256": f.get("Sha256") or None, "oid": None}
+                 for f in (doc.get("Data") or {}).get("Files") or [] if f.get("Type", "blob") == "blob"]
+        return rev, files
+    info, _ = _get_json(job, f"{ep}/api/models/{q(repo)}/revision/{q(rev, safe='')}", token, "revision")
+    commit = info.get("sha") if isinstance(info, dict) else None
+    if not commit:
+        raise AgentError(f"{repo}@{rev} at {ep}: the revision answer has no commit sha")
+    files: List[Entry] = []
+    url: Optional[str] = f"{ep}/api/models/{q(repo)}/tree/{commit}?recursive=true"
+    while url:
+        page, headers = _get_json(job, url, token, "file tree")
+        for f in page if isinstance(page, list) else []:
+            if f.get("type") != "file":
+                continue
+            lfs = f.get("lfs") or {}
+            files.append({"path": f["path"], "size": int(f.get("size") or lfs.get("size") or 0),
+                          "sha256": lfs.get("oid") or lfs.get("sha256") or None,
+                          "oid": None if lfs else f.get("oid")})
+        url = None
+        for part in (headers.get("Link") or "").split(","):   # HF paginates large trees
+            if 'rel="next"' in part:
+                url = urllib.parse.urljoin(ep + "/", part.split(";")[0].strip().strip("<>"))
+    return commit, files
+
+
+def file_url(job: Dict[str, Any], commit: str, path: str) -> str:
+    ep, repo, q = job["endpoint"].rstrip("/"), job["repo"], urllib.parse.quote
+    if job["kind"] == "peer":
+        return f"{ep}/files/{q(path)}"
+    if job["kind"] == "modelscope":
+        return f"{ep}/api/v1/models/{q(repo)}/repo?Revision={q(commit, safe='')}&FilePath={q(path, safe='')}"
+    return f"{ep}/{q(repo)}/resolve/{q(commit, safe='')}/{q(path)}"
+
+
+class _Hashes:
+    """sha256 and the git blob id (sha1 of `blob <size>\\0` + content) in one pass."""
+
+    def __init__(self, size: int):
+        self.sha256 = hashlib.sha256()
+        self.sha1 = hashlib.sha1(b"blob %d\x00" % size)  # noqa: S324 - git's object id, not security
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.sha1.update(data)
+
+
+def hash_file(path: str, size: int) -> Tuple[str, str]:
+    h = _Hashes(size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.sha256.hexdigest(), h.sha1.hexdigest()
+
+
+class _Ticker:
+    """Throttled progress events: {"ev": "progress", "done", "total", "file"}."""
+
+    def __init__(self, emit, total: int, every: float = 0.5):
+        self.emit, self.total, self.every, self.done, self.last = emit, total, every, 0, 0.0
+
+    def add(self, n: int, file: str = "", force: bool = False) -> None:
+        self.done += n
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last = now
+            self.emit({"ev": "progress", "done": self.done, "total": self.total, "file": file})
+
+
+def download_file(job: Dict[str, Any], commit: str, e: Entry, target: str, token: Optional[str],
+                  tick: _Ticker) -> Tuple[str, str, int]:
+    """Download one file into target, resuming a partial copy where the server honours Range.
+
+    Returns (sha256, git oid, bytes transferred). The final file appears (atomic rename) only
+    after its size and checksum match the listing."""
+    path, size = e["path"], e["size"]
+    part = confined(os.path.join(target, PARTIAL_DIR), path)
+    final = confined(target, path)
+    os.makedirs(os.path.dirname(part), exist_ok=True)
+    moved = 0
+    for attempt in range(4):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        if have > size:
+            os.remove(part)
+            have = 0
+        headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}
+        try:
+            resp = _opener().open(_request(file_url(job, commit, path), token, headers), timeout=120)
+        except urllib.error.HTTPError as err:
+            if err.code == 416:   # we already hold every byte
+                resp = None
+            else:
+                raise _http_error(job, err.code, f"file {path}", token) from None
+        except (urllib.error.URLError, OSError) as err:
+            if attempt == 3:
+                raise AgentError(f"{path}: download failed ({getattr(err, 'reason', err)})") from None
+            time.sleep(1 + attempt)
+            continue
+        try:
+            if resp is not None and resp.status == 206:
+                h = _Hashes(size)                      # resume: hash what we hold, append the rest
+                with open(part, "rb") as f:
+                    for chunk in iter(lambda: f.read(CHUNK), b""):
+                        h.update(chunk)
+                mode = "ab"
+            elif resp is not None:
+                h, mode = _Hashes(size), "wb"          # Range ignored (olah): start this file again
+                tick.add(-have, path)
+            else:
+                h = _Hashes(size)
+                with open(part, "rb") as f:
+                    for chunk in iter(lambda: f.read(CHUNK), b""):
+                        h.update(chunk)
+                mode = None
+            if mode:
+                with open(part, mode) as out:
+                    while True:
+                        try:
+                            chunk = resp.read(CHUNK)
+                        except (OSError, ValueError) as err:
+                            raise ConnectionError(str(err)) from None
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        h.update(chunk)
+                        moved += len(chunk)
+                        tick.add(len(chunk), path)
+        except ConnectionError as err:
+            if attempt == 3:
+                raise AgentError(f"{path}: download interrupted ({err})") from None
+            time.sleep(1 + attempt)
+            continue
+        finally:
+            if resp is not None:
+                resp.close()
+        got = os.path.getsize(part)
+        if got < size:
+            if attempt == 3:
+                raise AgentError(f"{path}: got {got} of {size} bytes")
+            continue
+        sha, oid = h.sha256.hexdigest(), h.sha1.hexdigest()
+        if got != size or (e.get("sha256") and sha != e["sha256"]) or (e.get("oid") and oid != e["oid"]):
+            os.remove(part)
+            raise AgentError(f"{path}: checksum mismatch after download (expected "
+                             f"{e.get('sha256') or e.get('oid')}, got {sha}); the source serves other bytes")
+        os.makedirs(os.path.dirname(final) or target, exist_ok=True)
+        os.replace(part, final)
+        return sha, oid, moved
+    raise AgentError(f"{path}: download failed")
+
+
+def read_manifest_at(target: str) -> Any:
+    try:
+        with open(os.path.join(target, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def scan_dir(target: str) -> Dict[str, Tuple[int, int]]:
+    out = {}
+    for dp, dns, fns in os.walk(target):
+        for fn in fns:
+            full = os.path.join(dp, fn)
+            rel = os.path.relpath(full, target).replace(os.sep, "/")
+            if ignored(rel) or os.path.islink(full):
+                continue
+            st = os.stat(full)
+            out[rel] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def write_manifest_at(target: str, doc: Dict[str, Any]) -> None:
+    tmp = os.path.join(target, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, os.path.join(target, MANIFEST))
+
+
+def agent_sync(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]], None],
+               token: Optional[str] = None) -> Dict[str, Any]:
+    """List the source, keep verified files, download the rest (resuming), write the manifest."""
+    commit, listed = list_remote(job, token)
+    files = select(listed, job.get("include") or (), job.get("exclude") or ())
+    if not files:
+        raise AgentError(f"{job['repo']}@{job['revision']}: no file matches include {job.get('include')} / "
+                         f"exclude {job.get('exclude')}")
+    if not any(f["path"] == "config.json" for f in files):
+        emit({"ev": "note", "msg": "the selected files hold no config.json"})
+    os.makedirs(target, exist_ok=True)
+    spec = job["spec"]
+    have = manifest_files(read_manifest_at(target), spec)
+    scanned = scan_dir(target)
+    need, check = plan_host(files, scanned, have, bool(job.get("verify")))
+    by_path = {f["path"]: dict(f) for f in files}
+    for p in check:   # present with the right size, but not vouched for: hash before trusting
+        sha, oid = hash_file(os.path.join(target, p), by_path[p]["size"])
+        e = by_path[p]
+        if (e.get("sha256") and sha != e["sha256"]) or (e.get("oid") and oid != e["oid"]):
+            need.append(p)
+        else:
+            e["sha256"], e["oid"] = sha, oid
+    for p, e in by_path.items():
+        if p not in need and p not in check and have and p in have:
+            e["sha256"] = have[p].get("sha256") or e.get("sha256")
+            e["oid"] = have[p].get("oid") or e.get("oid")
+    need = sorted(set(need))
+    total = sum(by_path[p]["size"] for p in need)
+    emit({"ev": "plan", "source": job["kind"], "commit": commit, "files": len(files), "need": need, "bytes": total,
+          "checked": len(check)})
+    tick = _Ticker(emit, total)
+    moved = 0
+    for p in need:
+        sha, oid, n = download_file(job, commit, by_path[p], target, token, tick)
+        by_path[p]["sha256"], by_path[p]["oid"] = sha, oid
+        moved += n
+    tick.add(0, "", force=True)
+    now = scan_dir(target)
+    for p, e in by_path.items():
+        e["mtime"] = now[p][1]
+    doc = manifest_doc(spec, commit, list(by_path.values()))
+    write_manifest_at(target, doc)
+    result = {"ev": "done", "commit": commit, "fetched": need, "bytes": moved, "summary": summary(job, need, moved,
+                                                                                               scanned)}
+    emit(result)
+    return result
+
+
+def summary(job: Dict[str, Any], fetched: List[str], moved: int, before: Dict[str, Tuple[int, int]]) -> str:
+    """One line for the user: present, fetched from the hub, or copied / repaired from a peer."""
+    if not fetched:
+        return "present"
+    n = f"{len(fetched)} file(s), {human(moved)}"
+    if job["kind"] == "peer":
+        verb = "repaired" if any(p in before for p in fetched) else "copied"
+        return f"{verb} {n} from {job.get('peer_name', job['endpoint'])}"
+    return f"fetched {n} from {job['endpoint']}"
+
+
+def agent_index(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+    """A local model: the folder is the reference; hash what its manifest does not vouch for, write the manifest."""
+    scanned = scan_dir(target)
+    if "config.json" not in scanned:
+        raise AgentError(f"local model {job.get('host_path', target)} has no config.json on this host; copy the "
+                         "model there first (source.kind local: the head's copy is fanned out)")
+    spec = job["spec"]
+    have = manifest_files(read_manifest_at(target), spec) or {}
+    files = select([{"path": p, "size": s} for p, (s, _) in scanned.items()], job.get("include") or (),
+                   job.get("exclude") or ())
+    for e in files:
+        m = have.get(e["path"])
+        if not job.get("verify") and m and m.get("size") == e["size"] and m.get("mtime") == scanned[e["path"]][1]:
+            e["sha256"], e["oid"] = m.get("sha256"), m.get("oid")
+        else:
+            e["sha256"], e["oid"] = hash_file(os.path.join(target, e["path"]), e["size"])
+        e["mtime"] = scanned[e["path"]][1]
+    write_manifest_at(target, manifest_doc(spec, "local", files))
+    result = {"ev": "done", "summary": "present", "files": len(files)}
+    emit(result)
+    return result
+
+
+def agent_serve(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]], None], token: str) -> None:
+    """Serve the manifest and the files it lists to peers holding the token, until idle for job['idle'] seconds."""
+    doc = read_manifest_at(target)
+    listed = {f["path"]: f for f in (doc or {}).get("files", []) if isinstance(f, dict) and safe_relpath(
+        str(f.get("path", "")))}
+    if not listed:
+        raise AgentError(f"{job.get('host_path', target)}: no verified model to serve (no manifest)")
+    body = json.dumps(doc).encode()
+    last = [time.monotonic()]
+    want = ("Bearer " + token).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):   # no access log on stdout: stdout carries events
+            pass
+
+        def do_GET(self):
+            last[0] = time.monotonic()
+            if not hmac.compare_digest(self.headers.get("Authorization", "").encode("utf-8", "replace"), want):
+                self.send_error(401)
+                return
+            if self.path == "/manifest":
+                self._send(200, body, len(body))
+                return
+            path = urllib.parse.unquote(self.path[len("/files/"):]) if self.path.startswith("/files/") else ""
+            if path not in listed:
+                self.send_error(404)
+                return
+            full = confined(target, path)
+            size = os.path.getsize(full)
+            start = _range_start(self.headers.get("Range"), size)
+            with open(full, "rb") as f:
+                f.seek(start)
+                self._send(206 if start else 200, f, size - start, start=start, size=size)
+            last[0] = time.monotonic()
+
+        def _send(self, code, data, length, start=0, size=0):
+            self.send_response(code)
+            self.send_header("Content-Length", str(length))
+            if code == 206:
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            self.end_headers()
+            if isinstance(data, bytes):
+                self.wfile.write(data)
+            else:
+                for chunk in iter(lambda: data.read(CHUNK), b""):
+                    self.wfile.write(chunk)
+
+    server = ThreadingHTTPServer((job["bind"], int(job["port"])), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    emit({"ev": "listening", "port": server.server_address[1]})
+    while time.monotonic() - last[0] < float(job.get("idle", 300)):
+        time.sleep(1)
+    server.shutdown()
+    emit({"ev": "done", "summary": "served"})
+
+
+def _range_start(header: Optional[str], size: int) -> int:
+    if header and header.startswith("bytes=") and header.endswith("-"):
+        try:
+            start = int(header[6:-1])
+        except ValueError:
+            return 0
+        return start if 0 <= start < size else 0
+    return 0
+
+
+def read_token(path: Optional[str]) -> Optional[str]:
+    """A secret from a 0600 file of KEY=value lines (mounted read-only: never in the container's env)."""
+    if not path:
+        return None
+    with open(path) as f:
+        for line in f:
+            key, sep, value = line.rstrip("\n").partition("=")
+            if sep and key in (TOKEN_ENV, TRANSFER_ENV):
+                return value
+    return None
+
+
+def agent_main(argv: List[str]) -> int:
+    """python3 agent.py {sync|serve|index} JOB.json (the model folder is mounted at /target)."""
+    if len(argv) != 2 or argv[0] not in ("sync", "serve", "index"):
+        sys.stderr.write(str(agent_main.__doc__) + "\n")
+        return 2
+    with open(argv[1]) as f:
+        job = json.load(f)
+    target = job.get("target", "/target")
+    try:
+        token = read_token(job.get("token_file"))
+        if argv[0] == "sync":
+            agent_sync(job, target, _emit_stdout, token)
+        elif argv[0] == "serve":
+            if not token:
+                raise AgentError("serve needs a token file")
+            agent_serve(job, target, _emit_stdout, token)
+        else:
+            agent_index(job, target, _emit_stdout)
+    except AgentError as e:
+        _emit_stdout({"ev": "error", "msg": str(e)})
+        return 1
+    except Exception as e:  # noqa: BLE001 - one line for the control side
+        _emit_stdout({"ev": "error", "msg": f"{type(e).__name__}: {e}"})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(agent_main(sys.argv[1:]))

@@ -1,0 +1,58 @@
+"""Engine plugins: what one serving engine (and its way of spanning hosts) adds to the common plan.
+
+docs/engines.md says what a new engine must provide; vllm_ray.py is the first implementation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..checks import Finding, Setup
+    from ..config import Inventory, Profile
+    from ..knowledge import EngineFacts
+    from ..steps import Step
+    from ..deployment import Deployment
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogSource:
+    host: str
+    component: str
+    argv: tuple[str, ...]
+
+
+class Engine(Protocol):
+    """The engine protocol. Everything engine-specific lives behind it; plan, executor and ops stay generic."""
+
+    name: str                          # the profile's `engine:` value
+    knowledge: str                     # key of its facts in cluster/knowledge (engines.yaml, <knowledge>/<v>.json)
+    components: tuple[str, ...]        # `logs --component` choices
+
+    def facts(self, version: str) -> "EngineFacts": ...
+
+    def validate(self, inventory: "Inventory", profile: "Profile", sets: dict) -> None:
+        """Raise ConfigError (file:line, field, fix) for input this engine cannot take (e.g. flags it manages)."""
+
+    def checks(self) -> tuple[Callable[["Setup"], Iterator["Finding"]], ...]:
+        """Engine-specific rules, run after the common ones."""
+
+    def pipeline_parallel(self, facts: "EngineFacts") -> bool: ...
+
+    def steps(self, d: "Deployment", *, ray_timeout: float, ready_timeout: float) -> list["Step"]:
+        """Per-host container and process steps after the image and model phases, readiness last."""
+
+    def status(self, d: "Deployment", run) -> tuple[dict, list[str]]:
+        """(engine state, problems) of the running deployment; `run(host, argv)` runs a read-only probe."""
+
+    def logs(self, d: "Deployment", *, tail: int, follow: bool) -> list[LogSource]: ...
+
+
+def get(name: str) -> Engine:
+    from . import vllm_ray
+    known = {e.name: e for e in (vllm_ray.ENGINE,)}
+    if name not in known:
+        raise ConfigError(f"unknown engine {name!r}", field="profile.engine", fix="use one of: " + ", ".join(known))
+    return known[name]

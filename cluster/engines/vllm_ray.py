@@ -1,0 +1,177 @@
+"""vLLM across hosts with Ray: a Ray container per host (head first), the API server inside the head container.
+
+The only module that knows Ray, VLLM_HOST_IP and where vLLM's API server runs."""
+
+from __future__ import annotations
+
+import json
+
+from .. import knowledge
+from ..containers import ContainerSpec, container_step, digest
+from ..steps import Check, Cmd, Http, Put, Step, Wait
+from . import LogSource, vllm
+
+RAY_PORT = 6379
+LOG_DIR = "/var/log/gpucluster"
+API_LOG = f"{LOG_DIR}/api.log"
+API_STATE = "/run/gpucluster-api"     # "<pid> <spec hash>" of the API server gpucluster started
+
+# The API server runs inside the head container. This fixed script records its pid and spec hash, then
+# execs the server with its own argv ("$@"): no value from YAML is ever part of it.
+API_LAUNCHER = f'mkdir -p {LOG_DIR} && echo "$$ $0" > {API_STATE} && exec "$@" >> {API_LOG} 2>&1'
+_ALIVE = f'read -r pid spec < {API_STATE} 2>/dev/null && [ -d "/proc/$pid" ] && ! grep -q "^State:.*Z" "/proc/$pid/status"'
+# Read-only: is the API server with this spec hash ("$0") running? (skip / replace / run)
+API_CHECK = (f'if {_ALIVE}; then if [ "$spec" = "$0" ]; then echo "skip running pid $pid, spec $spec"; '
+             'else echo "replace spec changed ($spec -> $0)"; fi; else echo "run not running"; fi')
+# Stop the recorded API server: TERM, up to 30 s, then KILL.
+API_STOP = (f'{_ALIVE} || exit 0; kill "$pid"; i=0; while [ $i -lt 30 ] && [ -d "/proc/$pid" ] && '
+            '! grep -q "^State:.*Z" "/proc/$pid/status"; do sleep 1; i=$((i+1)); done; '
+            '[ -d "/proc/$pid" ] && kill -9 "$pid"; true')
+# Read-only: exits 0 when Ray lists every expected node ("name=ip" args) and at least argv[1] GPUs.
+RAY_JOINED = """import json, sys, ray
+need, want = float(sys.argv[1]), dict(a.split("=", 1) for a in sys.argv[2:])
+ray.init(address="auto", logging_level="ERROR")
+alive = [n for n in ray.nodes() if n["Alive"]]
+ips, gpus = {n["NodeManagerAddress"] for n in alive}, sum(n["Resources"].get("GPU", 0) for n in alive)
+missing = [f"{name} ({ip})" for ip, name in sorted((ip, name) for name, ip in want.items()) if ip not in ips]
+print(json.dumps({"nodes": [{"ip": n["NodeManagerAddress"], "gpus": n["Resources"].get("GPU", 0)} for n in alive]}))
+print((f"never joined: {', '.join(missing)}" if missing else f"all {len(want)} node(s) joined")
+      + f"; GPUs seen {gpus:g} of {need:g} needed")
+sys.exit(0 if not missing and gpus >= need else 1)"""
+
+
+class VllmRay:
+    name = "vllm"
+    knowledge = "vllm"
+    components = ("api", "ray-head", "ray-worker")
+
+    def facts(self, version: str):
+        return knowledge.engine(self.knowledge, version)
+
+    def validate(self, inventory, profile, sets=None) -> None:
+        vllm.validate(inventory, profile, sets or {})
+
+    def checks(self):
+        return vllm.CHECKS
+
+    def pipeline_parallel(self, facts) -> bool:
+        return facts.pipeline_parallel
+
+    # ------------------------------------------------------------------ specs
+    def container(self, d, host) -> ContainerSpec:
+        head = d.head
+        host_path, container_path = d.model_path(host)
+        if host is head:
+            command = ("start", "--head", f"--node-ip-address={host.address}", f"--port={RAY_PORT}")
+        else:
+            command = ("start", f"--address={head.address}:{RAY_PORT}", f"--node-ip-address={host.address}")
+        command += (f"--num-gpus={host.gpus.count}", "--disable-usage-stats", "--block")
+        env = dict(d.setup.env)
+        env["VLLM_HOST_IP"] = host.address
+        if host.interface:
+            env["NCCL_SOCKET_IFNAME"] = host.interface
+            env["GLOO_SOCKET_IFNAME"] = host.interface
+        o = d.profile.docker
+        return ContainerSpec(cluster=d.cluster, role="ray-head" if host is head else "ray-worker",
+                             node="head" if host is head else "worker", image=d.profile.image, entrypoint="ray",
+                             command=command, env=tuple(sorted(env.items())),
+                             mounts=((host_path, container_path, "ro"),), network=o.network, ipc=o.ipc,
+                             shm_size=o.shm_size, gpus=o.gpus, privileged=o.privileged)
+
+    def api_argv(self, d) -> tuple[str, ...]:
+        return vllm.api_argv(d.setup, model_path=d.model_path(d.head)[1], served_name=d.served_name, port=d.port)
+
+    def api_hash(self, d) -> str:
+        """The API server's spec: its argv, and the key it serves with (as a digest: rotating it restarts)."""
+        key = d.api_key.digest(d.cluster) if d.api_key is not None else None
+        return digest({"argv": self.api_argv(d), "key": key})
+
+    # ------------------------------------------------------------------ steps
+    def steps(self, d, *, ray_timeout: float = 180, ready_timeout: float = 1800) -> list[Step]:
+        head = d.head
+        specs = {h.name: self.container(d, h) for h in d.hosts}
+        head_name = specs[head.name].name
+        head_step = container_step(specs[head.name], host=head.name, phase="ray-head",
+                                   reason=f"Ray head on {head.address}:{RAY_PORT} with {head.gpus.count} GPUs")
+        steps = [head_step, self._joined(d, head_name, [head], 0, ray_timeout, "ray-head")]
+        workers = [h for h in d.hosts if h is not head]
+        for h in workers:
+            steps.append(container_step(specs[h.name], host=h.name, phase="ray-workers", after=(head_step.id,),
+                                        reason=f"Ray worker joining {head.address}:{RAY_PORT} (restarted when the "
+                                               "head is new)"))
+        if workers:
+            steps.append(self._joined(d, head_name, list(d.hosts), d.setup.tp * d.setup.pp, ray_timeout,
+                                      "ray-workers"))
+        steps += [self._api(d, head_name), *self._ready(d, head_name, ready_timeout)]
+        return steps
+
+    def _joined(self, d, head_name: str, hosts, gpus: int, timeout: float, phase: str) -> Step:
+        probe = ("docker", "exec", head_name, "python3", "-c", RAY_JOINED, str(gpus),
+                 *(f"{h.name}={h.address}" for h in hosts))
+        return Step(id=f"{d.head.name}/{phase}-joined", host=d.head.name, phase=phase, readonly=True,
+                    reason=f"wait until Ray lists {', '.join(h.name for h in hosts)}"
+                           + (f" and {gpus} GPUs" if gpus else ""),
+                    ops=(Wait(argv=probe, timeout=timeout),))
+
+    def _api(self, d, head_name: str) -> Step:
+        spec = self.api_hash(d)
+        exec_argv = ["docker", "exec", "-d"]
+        puts: tuple = ()
+        if d.api_key is not None:
+            env_file = d.secrets_file("api")
+            exec_argv += ["--env-file", env_file]
+            puts = (Put(path=env_file, mode=0o600, secrets=(("VLLM_API_KEY", d.api_key),)),)
+        start = (*puts, Cmd(argv=(*exec_argv, head_name, "sh", "-c", API_LAUNCHER, spec, *self.api_argv(d))))
+        s = d.setup
+        return Step(id=f"{d.head.name}/api", host=d.head.name, phase="api",
+                    reason=f"vLLM {d.facts.version} API server in the head container, TP {s.tp} x PP {s.pp}, "
+                           f"after all {s.tp * s.pp} GPUs have joined Ray",
+                    check=Check(argv=("docker", "exec", head_name, "sh", "-c", API_CHECK, spec)),
+                    variants={"replace": (Cmd(argv=("docker", "exec", head_name, "sh", "-c", API_STOP)), *start)},
+                    ops=start)
+
+    def _ready(self, d, head_name: str, timeout: float) -> list[Step]:
+        alive = (d.head.name, ("docker", "exec", head_name, "sh", "-c", _ALIVE))
+        log = (d.head.name, ("docker", "exec", head_name, "tail", "-n", "20", API_LOG))
+        body = json.dumps({"model": d.served_name, "prompt": "Hello", "max_tokens": 8})
+        return [
+            Step(id="control/health", host="control", phase="ready", readonly=True,
+                 reason="wait (minutes: the model loads) until the API answers /health",
+                 ops=(Http(url=f"{d.base_url}/health", until=timeout, abort=alive, log=log),)),
+            Step(id="control/models", host="control", phase="ready", readonly=True,
+                 reason=f"/v1/models lists {d.served_name!r}",
+                 ops=(Http(url=f"{d.endpoint}/models", expect=json.dumps(d.served_name), auth=d.api_key),)),
+            Step(id="control/completion", host="control", phase="ready", readonly=True,
+                 reason="one completion answers", ops=(Http(url=f"{d.endpoint}/completions", body=body,
+                                                           expect='"choices"', auth=d.api_key),)),
+        ]
+
+    # ------------------------------------------------------------------ status and logs
+    def status(self, d, run) -> tuple[dict, list[str]]:
+        head_name = self.container(d, d.head).name
+        probe = ("docker", "exec", head_name, "python3", "-c", RAY_JOINED, str(d.setup.tp * d.setup.pp),
+                 *(f"{h.name}={h.address}" for h in d.hosts))
+        r = run(d.head.name, probe)
+        lines = r.stdout.strip().splitlines()
+        try:
+            nodes = json.loads(lines[0])["nodes"] if lines else []
+        except (ValueError, KeyError, TypeError):
+            nodes = []
+        problems = [] if r.ok else [f"ray: {lines[-1] if lines else r.last_line()}"]
+        if not run(d.head.name, ("docker", "exec", head_name, "sh", "-c", _ALIVE)).ok:
+            problems.append(f"{d.head.name}: the API server process is not running")
+        return {"ray": {"nodes": nodes, "gpus": sum(n.get("gpus", 0) for n in nodes)}}, problems
+
+    def logs(self, d, *, tail: int, follow: bool) -> list[LogSource]:
+        out = []
+        for h in d.hosts:
+            spec = self.container(d, h)
+            out.append(LogSource(host=h.name, component=spec.role, argv=(
+                "docker", "logs", "--tail", str(tail), *(["-f"] if follow else []), spec.name)))
+        head_name = self.container(d, d.head).name
+        out.append(LogSource(host=d.head.name, component="api", argv=(
+            "docker", "exec", head_name, "tail", "-n", str(tail), *(["-F"] if follow else []), API_LOG)))
+        return out
+
+
+ENGINE = VllmRay()

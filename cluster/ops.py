@@ -1,0 +1,373 @@
+"""Use cases: probe, up, down, status, logs, doctor, model pull. Each builds steps and hands them to the executor."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+from typing import Any, Callable
+
+from . import config, facts, models
+from . import plan as planner
+from .checks import ERROR, Finding
+from .config import Host, Inventory, Profile
+from .containers import LABEL, removal_probe
+from .deployment import SECRETS_DIR
+from .delivery.model_steps import STATE_DIR, model_paths
+from .errors import ConfigError, GpuclusterError, LockHeld, RemoteError
+from .executor import Executor, PhaseFailed, Report, http
+from .steps import Check, Cmd, Put, Step
+
+Progress = Callable[[str], None]
+LOCK_DIR = "/tmp/gpucluster-{cluster}.lock"
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _remote():
+    from . import remote  # fabric/paramiko only where hosts are touched
+    return remote
+
+
+# ---------------------------------------------------------------- loading and planning
+def load(inventory_path: str, *, profile: str | None = None, model: str | None = None,
+         hosts: list[str] | None = None) -> tuple[Inventory, Profile]:
+    """Read the inventory and its profile, with command-line overrides applied."""
+    inv = config.load_inventory(inventory_path)
+    if model:
+        inv = dataclasses.replace(inv, deploy=dataclasses.replace(inv.deploy, model=model))
+    if hosts:
+        missing = sorted(set(hosts) - {h.name for h in inv.hosts})
+        if missing:
+            raise ConfigError(f"--hosts: no host named {', '.join(missing)}", file=inv.path,
+                              fix="known hosts: " + ", ".join(h.name for h in inv.hosts))
+        inv = dataclasses.replace(inv, hosts=[h for h in inv.hosts if h.name in hosts])
+    return inv, config.load_profile(profile or inv.deploy.profile, inventory=inv)
+
+
+def make_plan(inv: Inventory, prof: Profile, *, extra_findings: tuple = (), **kw: Any) -> planner.Plan:
+    model = models.load(inv.deploy.model, file=inv.path, line=inv.lines.get("deploy.model"))
+    return planner.build(inv, prof, model=model, extra_findings=extra_findings, **kw)
+
+
+class PlanFailed(GpuclusterError):
+    """The plan has error findings: nothing was (or will be) started."""
+
+    def __init__(self, plan: planner.Plan, when: str):
+        self.plan = plan
+        codes = ", ".join(sorted({f.code for f in plan.findings if f.severity == ERROR}))
+        super().__init__(f"plan {when} fails ({codes}); nothing was started. Run `gpucluster plan` for details")
+
+
+def lock_steps(inv: Inventory, head: Host, operation: str) -> tuple[list[Step], list[Step]]:
+    """(take, release): a lock folder on the head that a second concurrent operation finds."""
+    path = LOCK_DIR.format(cluster=inv.cluster.name)
+    held = ('if [ -d "$0" ]; then echo "fail another gpucluster operation holds the lock ($(cat "$0/owner" '
+            '2>/dev/null || echo unknown)); if none is running, remove $0 on this host"; else echo "run not held"; fi')
+    take = Step(id=f"{head.name}/lock", host=head.name, phase="lock", readonly=True, check=Check(argv=("sh", "-c", held,
+                                                                                                     path)),
+                reason=f"take the cluster lock {path}",
+                ops=(Cmd(argv=("mkdir", "-m", "700", path)),
+                     Put(path=f"{path}/owner", text=f"gpucluster {operation} from {socket.gethostname()}\n")))
+    release = Step(id=f"{head.name}/unlock", host=head.name, phase="unlock", readonly=True,
+                   reason="release the cluster lock", ops=(Cmd(argv=("rm", "-rf", path)),))
+    return [take], [release]
+
+
+def _secrets_resolve(inv: Inventory) -> None:
+    """A missing secret stops `up` before any host is touched, not after a long download."""
+    for field, secret in (("deploy.api_key", inv.deploy.api_key), ("deploy.source.token", inv.deploy.source.token)):
+        if secret is not None:
+            try:
+                secret.reveal()
+            except ConfigError as e:
+                raise ConfigError(str(e), file=inv.path, field=field) from None
+
+
+# ---------------------------------------------------------------- probe
+def probe_host(hosts, host: Host, model_dir: str) -> facts.HostFacts:
+    """Gather one host's facts; each probe is a command plus a pure parser."""
+    remote = _remote()
+    try:
+        t0 = time.time()
+        clock = hosts.run(host, facts.CLOCK)
+        t1 = time.time()
+    except Exception as e:  # noqa: BLE001 - an unreachable host is a result, not a crash
+        return facts.HostFacts(host=host.name, reachable=False, error=remote.describe(e))
+    problems: list[str] = []
+
+    def get(argv, parse, what):
+        r = hosts.run(host, argv)
+        if not r.ok:
+            problems.append(f"{what}: {r.last_line()}")
+            return None
+        try:
+            return parse(r.stdout)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            problems.append(f"{what}: cannot parse output ({e})")
+            return None
+
+    gpus = None
+    r = hosts.run(host, facts.GPU_QUERY)
+    if r.ok:
+        gpus = facts.parse_gpus(r.stdout)
+    elif "not a valid field" in (r.stdout + r.stderr):
+        gpus = get(facts.GPU_QUERY_OLD, facts.parse_gpus, "nvidia-smi")
+    else:
+        problems.append(f"nvidia-smi: {r.last_line()}")
+    info = hosts.run(host, facts.DOCKER_INFO)
+    route = hosts.run(host, facts.ROUTE_TO_INTERNET)
+    disk = facts.parse_df(hosts.run(host, facts.df_argv(model_dir)).stdout)  # df exits 1 for missing paths
+    return facts.HostFacts(
+        host=host.name,
+        os=get(facts.OS_RELEASE, facts.parse_os_release, "os-release") or "",
+        kernel=(get(facts.UNAME, str.strip, "uname") or ""),
+        docker_version=get(facts.DOCKER_VERSION, facts.parse_docker_version, "docker"),
+        gpu_runtime=facts.parse_gpu_runtime(info.stdout) if info.ok else False,
+        gpus=tuple(gpus or ()),
+        disk_free=disk[0] if disk else None, disk_path=disk[1] if disk else "",
+        interface=get(facts.IP_ADDR, lambda t: facts.parse_interface(t, host.address), "ip addr"),
+        route_src=facts.parse_route_src(route.stdout) if route.ok else None,
+        clock_offset=round(float(clock.stdout.strip()) - (t0 + t1) / 2, 3) if clock.ok else None,
+        mem_total=get(facts.MEMINFO, facts.parse_meminfo, "meminfo"),
+        problems=tuple(problems),
+    )
+
+
+def probe(inv: Inventory, *, accept_new_host_keys: bool = False, hosts=None) -> dict[str, facts.HostFacts]:
+    own = hosts is None
+    hosts = hosts or _remote().Hosts(inv, accept_new_host_keys=accept_new_host_keys)
+    try:
+        results = hosts.each(inv.hosts, lambda h: probe_host(hosts, h, inv.model_dir_for(h)))
+    finally:
+        if own:
+            hosts.close()
+    return {name: r if isinstance(r, facts.HostFacts) else facts.HostFacts(
+        host=name, reachable=False, error=_remote().describe(r)) for name, r in results.items()}
+
+
+def measured_findings(plan: planner.Plan, probed: dict[str, facts.HostFacts]) -> list[Finding]:
+    """Findings only measured facts can give: the IP vLLM 0.3.0 would pick, disk space."""
+    out = []
+    d = plan.deployment
+    for h in d.hosts:
+        f = probed.get(h.name)
+        if not f or not f.reachable:
+            continue
+        if len(d.hosts) > 1 and not d.facts.honours_host_ip and f.route_src != h.address:
+            out.append(Finding(code="host-ip-ignored", severity=ERROR,
+                               message=f"{h.name}: vLLM {d.facts.version} ignores VLLM_HOST_IP and would use "
+                                       f"{f.route_src or 'no address (no default route)'} instead of {h.address}",
+                               fix=f"on {h.name}, route the default gateway through the NIC holding {h.address}"))
+        need = plan.model.weight_bytes if plan.model else 0
+        if f.disk_free is not None and need and f.disk_free < need * 1.05:
+            out.append(Finding(code="disk-insufficient", severity=ERROR,
+                               message=f"{h.name}: {f.disk_free / 1e9:.1f} GB free at {f.disk_path}, the model "
+                                       f"needs {need / 1e9:.1f} GB",
+                               fix="free space or point model_dir at a larger disk"))
+    return out
+
+
+def measured_plan(inv: Inventory, prof: Profile, hosts, offline: planner.Plan, **kw: Any) -> planner.Plan:
+    """Re-plan with what the hosts say (GPUs, interfaces, routes, disk); unreachable deployment hosts stop here."""
+    probed = probe(inv, hosts=hosts)
+    down = {n: f.error or "unreachable" for n, f in probed.items()
+            if not f.reachable and n in offline.topology.nodes}
+    if down:
+        raise RemoteError("probe", down)
+    real = make_plan(facts.measured(inv, probed), prof, **{**kw, "tp": kw.get("tp") or offline.topology.tp,
+                                                             "pp": kw.get("pp") or offline.topology.pp})
+    return dataclasses.replace(real, findings=real.findings + tuple(measured_findings(real, probed)))
+
+
+# ---------------------------------------------------------------- up
+@dataclasses.dataclass
+class UpResult:
+    plan: planner.Plan
+    report: Report
+    dry_run: bool = False
+
+    def as_dict(self) -> dict:
+        p = self.plan
+        return {"endpoint": p.endpoint, "served_model_name": p.served_name, "topology": p.topology.as_dict(),
+                "dry_run": self.dry_run, "phases": {k: round(v, 2) for k, v in self.report.phases.items()},
+                "steps": [o.as_dict() for o in self.report.outcomes],
+                "plan": [s.as_dict() for s in self.steps()], "changed": self.report.changed}
+
+    def steps(self) -> list[Step]:
+        return [o.step for o in self.report.outcomes]
+
+
+def up(inv: Inventory, prof: Profile, *, dry_run: bool = False, progress: Progress = _quiet,
+       accept_new_host_keys: bool = False, **kw: Any) -> UpResult:
+    """Bring the deployment to the planned state; with dry_run, say per step what would run or be skipped."""
+    t0 = time.time()
+    first = make_plan(inv, prof, **kw)
+    if first.verdict == "fail":
+        raise PlanFailed(first, "offline")
+    if not dry_run:
+        _secrets_resolve(inv)
+    with _remote().Hosts(inv, accept_new_host_keys=accept_new_host_keys) as hosts:
+        progress("== probe")
+        plan = measured_plan(inv, prof, hosts, first, **kw)
+        if plan.verdict == "fail":
+            raise PlanFailed(plan, "with the measured host facts")
+        plan_s = time.time() - t0
+        take, release = lock_steps(inv, plan.deployment.head, "up")
+        ex = Executor(hosts, progress)
+        if dry_run:
+            report = ex.evaluate([*take, *plan.steps, *release])
+            return UpResult(plan, report, dry_run=True)
+        try:
+            report = ex.execute(take)
+        except PhaseFailed as e:
+            why = e.failed[0].why
+            raise (LockHeld(why) if why.startswith("another gpucluster operation") else e) from None
+        try:
+            report = _merge(report, ex.execute(plan.steps))
+        finally:
+            report = _merge(report, ex.execute(release))
+        report.phases = {"plan+probe": plan_s, **report.phases}
+        return UpResult(plan, report)
+
+
+def _merge(a: Report, b: Report) -> Report:
+    return Report(outcomes=a.outcomes + b.outcomes, phases={**a.phases, **b.phases})
+
+
+# ---------------------------------------------------------------- down
+def down_steps(inv: Inventory, *, purge_model: bool = False) -> list[Step]:
+    """Every labelled container of this cluster, workers first, then heads, then helpers; then our files."""
+    cluster = inv.cluster.name
+    steps = [Step(id=f"{h.name}/remove-{node}", host=h.name, phase=f"remove-{node}", use_output=True,
+                  check=Check(argv=removal_probe(cluster, node)), ops=(Cmd(argv=("docker", "rm", "-f")),),
+                  reason=f"remove cluster {cluster}'s {node} containers ({LABEL}.node={node})")
+             for node in ("worker", "head", "aux") for h in inv.hosts]
+    for h in inv.hosts:
+        paths = [f"{SECRETS_DIR}/{cluster}", f"{STATE_DIR}/{cluster}/{h.name}"]
+        local = inv.deploy.source.kind == "local" or models.is_local(inv.deploy.model)
+        if purge_model and not local:
+            paths.append(model_paths(inv, h)[0])
+        steps.append(Step(id=f"{h.name}/cleanup", host=h.name, phase="cleanup", reason="remove "
+                          + ", ".join(paths) + (" (a local model is never deleted)" if purge_model and local else ""),
+                          check=Check(argv=("sh", "-c", 'for p; do [ -e "$p" ] && echo "run $p exists" && exit 0; done; '
+                                                        'echo "skip nothing to remove"', "-", *paths)),
+                          ops=(Cmd(argv=("rm", "-rf", "--one-file-system", *paths)),)))
+    return steps
+
+
+def down(inv: Inventory, *, purge_model: bool = False, dry_run: bool = False, progress: Progress = _quiet,
+         accept_new_host_keys: bool = False) -> Report:
+    """Remove exactly this cluster's labelled containers on every host; needs only the inventory."""
+    steps = down_steps(inv, purge_model=purge_model)
+    with _remote().Hosts(inv, accept_new_host_keys=accept_new_host_keys) as hosts:
+        ex = Executor(hosts, progress)
+        if dry_run:
+            return ex.evaluate(steps)
+        try:
+            return ex.execute(steps, keep_going=True)
+        except PhaseFailed as e:   # the reachable hosts were still cleaned
+            raise RemoteError("down", {o.step.host: o.why for o in e.failed}) from None
+
+
+# ---------------------------------------------------------------- status / logs / doctor / pull
+def status(inv: Inventory, prof: Profile, *, accept_new_host_keys: bool = False) -> tuple[bool, dict]:
+    """Containers per host, the engine's own view, API health; healthy only when all the plan needs is."""
+    plan = make_plan(inv, prof)
+    d = plan.deployment
+    out: dict[str, Any] = {"cluster": inv.cluster.name, "endpoint": plan.endpoint, "hosts": {}, "problems": []}
+    with _remote().Hosts(inv, accept_new_host_keys=accept_new_host_keys) as hosts:
+        def labelled(h: Host) -> list:
+            r = hosts.check(h, ["docker", "ps", "-aq", "--filter", f"label={LABEL}.cluster={inv.cluster.name}"])
+            ids = r.stdout.split()
+            return facts.parse_inspect(hosts.check(h, ["docker", "inspect", *ids]).stdout) if ids else []
+        for name, r in hosts.each(inv.hosts, labelled).items():
+            if isinstance(r, BaseException):
+                out["hosts"][name] = {"reachable": False, "error": _remote().describe(r)}
+                if name in plan.topology.nodes:
+                    out["problems"].append(f"{name}: unreachable")
+                continue
+            out["hosts"][name] = {"reachable": True, "containers": [
+                {"name": c.name, "role": c.labels.get(f"{LABEL}.role"), "state": c.status,
+                 "spec": c.labels.get(f"{LABEL}.spec"), "id": c.id[:12]} for c in r]}
+            if name in plan.topology.nodes:
+                node = "head" if name == d.head.name else "worker"
+                if not any(c.running and c.labels.get(f"{LABEL}.node") == node for c in r):
+                    out["problems"].append(f"{name}: the {node} container is not running")
+        if not out["problems"]:
+            ex = Executor(hosts)
+            engine_state, problems = d.engine.status(d, lambda host, argv: ex.run(host, argv, timeout=60))
+            out.update(engine_state)
+            out["problems"] += problems
+        else:
+            out["ray"] = {"nodes": [], "gpus": 0}
+    auth = d.api_key.reveal() if d.api_key is not None else None
+    health, _ = http(f"{d.base_url}/health")
+    code, text = http(f"{d.endpoint}/models", auth=auth)
+    served = _model_ids(text) if code == 200 else []
+    out["api"] = {"health": health == 200, "models": served}
+    if health != 200:
+        out["problems"].append("api: /health does not answer 200")
+    elif d.served_name not in served:
+        out["problems"].append(f"api: {d.served_name!r} is not served")
+    out["healthy"] = not out["problems"]
+    return out["healthy"], out
+
+
+def _model_ids(text: str) -> list[str]:
+    import json
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return []
+    return [str(m.get("id")) for m in doc.get("data", []) if isinstance(m, dict)] if isinstance(doc, dict) else []
+
+
+def logs(inv: Inventory, prof: Profile, *, host: str | None = None, component: str | None = None,
+         tail: int = 100, follow: bool = False, sink: Callable[[str], None]) -> int:
+    plan = make_plan(inv, prof)
+    d = plan.deployment
+    if host and host not in plan.topology.nodes:
+        raise ConfigError(f"--host {host}: not a host of this deployment",
+                          fix="use one of: " + ", ".join(plan.topology.nodes))
+    if component and component not in d.engine.components:
+        raise ConfigError(f"--component {component!r}: {d.engine.name} has " + ", ".join(d.engine.components))
+    sources = [s for s in d.engine.logs(d, tail=tail, follow=follow)
+               if (not host or s.host == host) and (not component or s.component == component)]
+    remote = _remote()
+    with remote.Hosts(inv) as hosts:
+        def one(src):
+            return remote.stream(hosts, hosts.host(src.host), list(src.argv),
+                                 lambda line: sink(f"[{src.host} {src.component}] {line}"))
+        results = hosts.each(sources, one, key=lambda s: f"{s.host} {s.component}")
+    failed = {k: remote.describe(r) for k, r in results.items() if isinstance(r, BaseException)}
+    if failed:
+        raise RemoteError("logs", failed)
+    return max(results.values(), default=0)
+
+
+def doctor(inv: Inventory, prof: Profile, *, accept_new_host_keys: bool = False) -> tuple[planner.Plan, dict]:
+    """Probe every host, compare with the inventory, and re-plan with what was measured. Changes nothing."""
+    probed = probe(inv, accept_new_host_keys=accept_new_host_keys)
+    contradictions = {h.name: facts.contradictions(h, probed[h.name]) for h in inv.hosts}
+    plan = make_plan(facts.measured(inv, probed), prof)
+    plan = dataclasses.replace(plan, findings=plan.findings + tuple(measured_findings(plan, probed)))
+    return plan, {"hosts": {n: f.as_dict() for n, f in probed.items()}, "contradictions": contradictions}
+
+
+def model_pull(inv: Inventory, prof: Profile, *, progress: Progress = _quiet, accept_new_host_keys: bool = False,
+               verify: bool = False, dry_run: bool = False) -> tuple[dict[str, str], Report]:
+    """The image and model phases of `up`, alone: host -> present | what was done."""
+    plan = make_plan(inv, prof, verify=verify)
+    steps = planner.model_steps(plan)
+    with _remote().Hosts(inv, accept_new_host_keys=accept_new_host_keys) as hosts:
+        ex = Executor(hosts, progress)
+        report = ex.evaluate(steps) if dry_run else ex.execute(steps)
+    by_id = {o.step.id: o for o in report.outcomes}
+    out = {}
+    for h in plan.deployment.hosts:
+        o = by_id.get(f"{h.name}/model")
+        out[h.name] = "present" if o is None or o.status == "skipped" else (o.detail or o.status)
+    return out, report
