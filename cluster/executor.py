@@ -155,8 +155,12 @@ class Executor:
             self.progress(f"== {phase}")
             t0 = time.time()
             decisions = self._decide_all(group)
-            for s in group:     # needed_by looks at the other steps of the phase, decided above
-                if decisions[s.id].action == "run" and not s.needed_by:
+            wanted = {i for s in group for i in s.needed_by}
+            later = [s for s in steps if s.id in wanted and s.id not in decisions]
+            ahead = self._decide_all(later)     # needed_by: ask now whether those (later) steps will have work
+            for s in group + later:
+                d = decisions.get(s.id) or ahead[s.id]
+                if d.action == "run" and not s.needed_by:
                     ran.add(s.id)
             outcomes: dict[str, Outcome] = {}
             by_host: dict[str, list[Step]] = {}
@@ -227,9 +231,8 @@ class Executor:
             if isinstance(op, Http):
                 return self._http(op)
             if isinstance(op, Copy):
-                from .delivery.copy import copy_tree
-                moved = copy_tree(self, op.src_host, op.src, step.host, op.dst, self.progress)
-                return f"copied {moved} bytes from {op.src_host} via this machine"
+                from .delivery.control import copy_tree
+                return copy_tree(self, op.src_host, op.src, step.host, op.dst, self.progress)
         except OpFailed:
             raise
         except StepFailed as e:

@@ -59,10 +59,10 @@ def _text(v) -> str:
     return " ".join(str(v).split())[:500] if v is not None else ""
 
 
-def copy_tree(ex, src_host: str, src: str, dst_host: str, dst: str, progress: Callable[[str], None]) -> int:
+def copy_tree(ex, src_host: str, src: str, dst_host: str, dst: str, progress: Callable[[str], None]) -> str:
     """Copy the files of src's manifest that dst lacks (or holds with another sha256), through this machine.
 
-    Used when the model was downloaded here, or when a host cannot reach the head; bytes moved."""
+    Used when the model was downloaded here, or when a host cannot reach the head; says what it did."""
     doc = json.loads(_read(ex, src_host, f"{src}/{MANIFEST}"))
     files = [f for f in doc.get("files", []) if isinstance(f, dict) and safe_relpath(str(f.get("path", "")))]
     have = _hashes(ex, dst_host, dst, [f["path"] for f in files])
@@ -96,7 +96,11 @@ def copy_tree(ex, src_host: str, src: str, dst_host: str, dst: str, progress: Ca
     if bad:
         raise RuntimeError(f"{dst_host}: checksum mismatch after copy: {', '.join(bad[:3])}")
     meter.update(total, final=True)
-    return total
+    if not todo:
+        return "present"
+    verb = "repaired" if any(f["path"] in have for f in todo) else "copied"
+    how = "this machine" if src_host == CONTROL else f"{src_host} via this machine"
+    return f"{verb} {len(todo)} file(s), {human(total)} from {how}"
 
 
 class _Bytes:

@@ -112,6 +112,11 @@ def _agent(job: ModelJob, host: Host, name: str, cmd: str, *, ro: bool, detach: 
     return Cmd(argv=tuple(argv), timeout=None if not detach else 120, stream=not detach)
 
 
+def _forget(job: ModelJob, host: Host, name: str) -> tuple[Cmd, ...]:
+    """Remove a job's secret file once the agent has read it."""
+    return (Cmd(argv=("rm", "-f", f"{job.jobdir(host)}/{name}.secret")),)
+
+
 def _check(job: ModelJob, host: Host) -> Check | None:
     return None if job.verify else Check(argv=job.stamp(host, "check"))
 
@@ -137,13 +142,15 @@ def head_steps(job: ModelJob) -> list[Step]:
         cache = control_cache(job.inventory.deploy.model)
         jobfile = f"{cache}.job/sync.json"
         secret = [Put(path=f"{cache}.job/sync.secret", mode=0o600, secrets=(token,))] if token else []
+        forget = [Cmd(argv=("rm", "-f", f"{cache}.job/sync.secret"))] if token else []
         doc = {**_source_doc(job, cache), **({"token_file": f"{cache}.job/sync.secret"} if token else {})}
         return [
             Step(id=f"{CONTROL}/model", host=CONTROL, phase="model-download", needed_by=(f"{head.name}/model",),
                  reason=f"download {job.inventory.deploy.model} once on this machine from {job.endpoint} into "
                         f"{cache} (resumes, verifies sha256)",
                  ops=(Put(path=jobfile, mode=0o600, text=json.dumps(doc, sort_keys=True)), *secret,
-                      Cmd(argv=("python3", str(HERE / "agent.py"), "sync", jobfile), timeout=None, stream=True))),
+                      Cmd(argv=("python3", str(HERE / "agent.py"), "sync", jobfile), timeout=None, stream=True),
+                      *forget)),
             Step(id=f"{head.name}/model", host=head.name, phase="model", check=_check(job, head),
                  reason=f"copy the model from this machine to {head.name}:{path} over SSH, checked by sha256",
                  ops=(Copy(src_host=CONTROL, src=cache, dst=path), Cmd(argv=job.stamp(head, "write"))))]
@@ -151,7 +158,8 @@ def head_steps(job: ModelJob) -> list[Step]:
                  reason=f"download {job.inventory.deploy.model}@{job.spec['revision']} once, on {head.name}, from "
                         f"{job.endpoint} (resumes, verifies sizes and sha256)",
                  ops=(Cmd(argv=("mkdir", "-p", path)), *_agent_files(job, head, "sync", _source_doc(job), token),
-                      _agent(job, head, "sync", "sync", ro=False), Cmd(argv=job.stamp(head, "write"))))]
+                      _agent(job, head, "sync", "sync", ro=False), *(_forget(job, head, "sync") if token else ()),
+                      Cmd(argv=job.stamp(head, "write"))))]
 
 
 def fanout_steps(job: ModelJob) -> list[Step]:
@@ -172,13 +180,13 @@ def fanout_steps(job: ModelJob) -> list[Step]:
             id=f"{h.name}/model", host=h.name, phase="model-copy", check=_check(job, h),
             reason=f"pull what {h.name} lacks from {head.name}:{port} over the LAN, verified by sha256",
             ops=(Cmd(argv=("mkdir", "-p", job.path(h))), *_agent_files(job, h, "sync", doc, secret),
-                 _agent(job, h, "sync", "sync", ro=False), Cmd(argv=job.stamp(h, "write"))),
-            otherwise=((Copy(src_host=head.name, src=job.path(head), dst=job.path(h)),
+                 _agent(job, h, "sync", "sync", ro=False), *_forget(job, h, "sync"), Cmd(argv=job.stamp(h, "write"))),
+            otherwise=((*_forget(job, h, "sync"), Copy(src_host=head.name, src=job.path(head), dst=job.path(h)),
                         Cmd(argv=job.stamp(h, "write"))),)))
     doc = {"bind": head.address, "port": port, "idle": 300, "host_path": job.path(head)}
     listening = ("sh", "-c", 'docker logs "$0" 2>&1 | grep -q "\\"listening\\""', serve)
     start = (*_agent_files(job, head, "serve", doc, secret), _agent(job, head, "serve", "serve", ro=True, detach=True),
-             Wait(argv=listening, timeout=60, interval=0.5))
+             Wait(argv=listening, timeout=60, interval=0.5), *_forget(job, head, "serve"))
     return [
         Step(id=f"{head.name}/model-serve", host=head.name, phase="model-serve",
              needed_by=tuple(s.id for s in copies),

@@ -64,9 +64,9 @@ class Case:
         for root in self.roots.values():
             shutil.rmtree(root, ignore_errors=True)
         for h in self.rig.facts["hosts"]:
-            ids = self.rig.docker(h["name"], "ps", "-aq", "--filter", f"label=gpucluster.delivery={self.name}").stdout
+            ids = self.rig.docker(h["name"], "ps", "-aq", "--filter", f"label=gpucluster.cluster={self.name}").stdout
             assert not ids.split(), f"delivery containers left on {h['name']}"
-        assert not glob.glob(f"/tmp/gpucluster-delivery-{self.name}-*"), "job folders left on a host"
+        assert not glob.glob(f"/var/lib/gpucluster/{self.name}/*/*.secret"), "a token file left on a host"
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ def test_hf_mirror_once_fanned_out_byte_identical_and_second_run_moves_nothing(r
     out = dict(line.split(": ", 1) for line in r.stdout.strip().splitlines())
     assert out[c.head].startswith("fetched") and all(out[h].startswith("copied") for h in out if h != c.head)
     assert f"{c.head}: download: " in r.stderr and "B/s" in r.stderr, r.stderr     # per-host progress
-    assert all(f"{h}: copy " in r.stderr for h in c.roots if h != c.head), r.stderr
+    assert all(f"{h}: copy" in r.stderr for h in c.roots if h != c.head), r.stderr
     for h in c.roots:
         m = json.loads((c.model_dir(h) / ".gpucluster-manifest.json").read_text())
         assert m["commit"] == rig.facts["model"]["revision"]
@@ -200,12 +200,10 @@ def test_corrupt_copy_on_one_host_is_detected_and_repaired(rig, case):
     st = p.stat()
     p.write_bytes(bytes(data))
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
-    from cluster import core, delivery
-    inv, prof = core.load(str(c.path))
-    plan = core.make_plan(inv, prof)
-    with core._connect(inv) as hosts_:
-        assert delivery.deliver(hosts_, plan)[victim] == "present"          # sizes and mtimes agree
-        assert delivery.deliver(hosts_, plan, verify=True)[victim].startswith("repaired 1 file(s)")
+    assert c.pull_ok()[victim] == "present"                                 # sizes and mtimes agree
+    r = c.pull("--verify", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["hosts"][victim].startswith("repaired 1 file(s)")
     assert_identical(rig, c)
 
 
@@ -257,18 +255,20 @@ def test_missing_repository_is_one_clear_line(rig, case):
     assert "Traceback" not in r.stderr
 
 
-def test_relay_through_this_machine_when_hosts_cannot_reach_each_other(rig, case, monkeypatch):
-    from cluster import core, delivery
-
-    def unreachable(self, src, dst, files):
-        raise delivery.AgentError(f"cannot connect to {dst.address}:1 (simulated firewall)")
-
-    monkeypatch.setattr(delivery.Delivery, "send_direct", unreachable)
+def test_relay_through_this_machine_when_hosts_cannot_reach_each_other(rig, case):
     c = case("dl-relay")
-    inv, prof = core.load(str(c.path))
-    notes = []
-    with core._connect(inv) as hosts:
-        out = delivery.deliver(hosts, core.make_plan(inv, prof), progress=notes.append)
+    port = str(yaml.safe_load(c.path.read_text())["cluster"].get("transfer_port", 29650))
+    rules = [["ip", "netns", "exec", rig.host(h)["netns"], "iptables", "{}", "OUTPUT", "-p", "tcp", "-d",
+              addr(rig, c.head), "--dport", port, "-j", "REJECT"] for h in c.roots if h != c.head]
+    for rule in rules:     # a firewall between the hosts: only this machine reaches them all (over SSH)
+        subprocess.run([a if a != "{}" else "-I" for a in rule], check=True)
+    try:
+        r = c.pull()
+    finally:
+        for rule in rules:
+            subprocess.run([a if a != "{}" else "-D" for a in rule], check=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = dict(line.split(": ", 1) for line in r.stdout.strip().splitlines())
     assert all(f"from {c.head} via this machine" in v for h, v in out.items() if h != c.head), out
-    assert any("relaying through this machine" in n for n in notes)
+    assert "fallback 1 worked" in r.stderr, r.stderr[-2000:]
     assert_identical(rig, c)
