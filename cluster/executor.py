@@ -41,12 +41,15 @@ class Outcome:
     variant: str | None = None
     seconds: float = 0.0
     detail: str = ""             # what the step reported (e.g. the delivery agent's summary)
+    names: tuple[str, ...] = ()  # what a use_output check found (appended to the first op)
 
     def as_dict(self) -> dict:
         out = {"id": self.step.id, "host": self.step.host, "phase": self.step.phase, "status": self.status,
                "why": self.why}
         if self.variant:
             out["variant"] = self.variant
+        if self.names:
+            out["names"] = list(self.names)
         if self.detail:
             out["detail"] = self.detail
         if self.seconds:
@@ -105,7 +108,7 @@ class Executor:
             d = self._resolve(s, decisions[s.id], will_run)
             if d.action == "run":
                 will_run.add(s.id)
-            report.outcomes.append(Outcome(s, f"would-{d.action}", d.why, d.variant))
+            report.outcomes.append(Outcome(s, f"would-{d.action}", d.why, d.variant, names=d.extra))
         return report
 
     def _decide_all(self, steps: list[Step]) -> dict[str, Decision]:
@@ -208,7 +211,7 @@ class Executor:
                 detail = self._ops(step, alternative)
                 if i:
                     self.progress(f"{where}: fallback {i} worked after: {'; '.join(errors)}")
-                return Outcome(step, "ran", d.why, d.variant, time.time() - t0, detail)
+                return Outcome(step, "ran", d.why, d.variant, time.time() - t0, detail, d.extra)
             except OpFailed as e:
                 errors.append(str(e))
         return Outcome(step, "failed", "; ".join(errors), d.variant, time.time() - t0)

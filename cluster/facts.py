@@ -155,6 +155,12 @@ def parse_inspect(text: str) -> list[Observed]:
     return out
 
 
+def probe_argvs(model_dir: str) -> list[tuple[str, ...]]:
+    """Every read-only command `probe` (and so `up`, before any step) runs on a host."""
+    return [CLOCK, GPU_QUERY, GPU_QUERY_OLD, DOCKER_INFO, ROUTE_TO_INTERNET, tuple(df_argv(model_dir)), OS_RELEASE,
+            UNAME, DOCKER_VERSION, IP_ADDR, MEMINFO]
+
+
 def df_argv(path: str) -> tuple[str, ...]:
     parts = path.rstrip("/").split("/")
     candidates = ["/".join(parts[:i]) or "/" for i in range(len(parts), 0, -1)]

@@ -191,8 +191,10 @@ class UpResult:
 
     def as_dict(self) -> dict:
         p = self.plan
+        inv = p.inventory
         return {"endpoint": p.endpoint, "served_model_name": p.served_name, "topology": p.topology.as_dict(),
                 "dry_run": self.dry_run, "phases": {k: round(v, 2) for k, v in self.report.phases.items()},
+                "probes": {h.name: [list(a) for a in facts.probe_argvs(inv.model_dir_for(h))] for h in inv.hosts},
                 "steps": [o.as_dict() for o in self.report.outcomes],
                 "plan": [s.as_dict() for s in self.steps()], "changed": self.report.changed}
 

@@ -58,7 +58,12 @@ class Wait:
     log: Argv | None = None         # printed when the wait fails (the last log lines)
 
     def as_dict(self) -> dict:
-        return {"wait": list(self.argv), "timeout": self.timeout}
+        out: dict = {"wait": list(self.argv), "timeout": self.timeout}
+        if self.abort:
+            out["abort"] = list(self.abort)
+        if self.log:
+            out["log"] = list(self.log)
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +88,10 @@ class Http:
             out["timeout"] = self.until
         if self.auth is not None:
             out["auth"] = "***"
+        if self.abort:
+            out["abort"] = {"host": self.abort[0], "argv": list(self.abort[1])}
+        if self.log:
+            out["log"] = {"host": self.log[0], "argv": list(self.log[1])}
         return out
 
 

@@ -83,9 +83,18 @@ def _http_error(job: Dict[str, Any], code: int, what: str, token: Optional[str])
 
 
 def _get_json(job: Dict[str, Any], url: str, token: Optional[str], what: str) -> Tuple[Any, Any]:
+    # A peer's server may still be starting: connection refused is retried for a while (a hub's is not).
+    deadline = time.monotonic() + (float(job.get("connect_wait", 20)) if job["kind"] == "peer" else 0)
     try:
-        with _opener().open(_request(url, token), timeout=60) as r:
-            return json.loads(r.read().decode()), r.headers
+        while True:
+            try:
+                with _opener().open(_request(url, token), timeout=60) as r:
+                    return json.loads(r.read().decode()), r.headers
+            except urllib.error.URLError as e:
+                if isinstance(e, urllib.error.HTTPError) or not isinstance(e.reason, ConnectionRefusedError) \
+                        or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     except urllib.error.HTTPError as e:
         raise _http_error(job, e.code, what, token) from None
     except (urllib.error.URLError, OSError) as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import models
 from ..config import Host, Inventory, Secret
 from ..containers import LABEL, digest
-from ..steps import CONTROL, Check, Cmd, Copy, Put, Step, Wait
+from ..steps import CONTROL, Check, Cmd, Copy, Put, Step
 from .manifest import STAMP
 
 HERE = Path(__file__).resolve().parent
@@ -184,9 +184,8 @@ def fanout_steps(job: ModelJob) -> list[Step]:
             otherwise=((*_forget(job, h, "sync"), Copy(src_host=head.name, src=job.path(head), dst=job.path(h)),
                         Cmd(argv=job.stamp(h, "write"))),)))
     doc = {"bind": head.address, "port": port, "idle": 300, "host_path": job.path(head)}
-    listening = ("sh", "-c", 'docker logs "$0" 2>&1 | grep -q "\\"listening\\""', serve)
-    start = (*_agent_files(job, head, "serve", doc, secret), _agent(job, head, "serve", "serve", ro=True, detach=True),
-             Wait(argv=listening, timeout=60, interval=0.5), *_forget(job, head, "serve"))
+    # The agent reads its token file at start; the other hosts retry while its server comes up.
+    start = (*_agent_files(job, head, "serve", doc, secret), _agent(job, head, "serve", "serve", ro=True, detach=True))
     return [
         Step(id=f"{head.name}/model-serve", host=head.name, phase="model-serve",
              needed_by=tuple(s.id for s in copies),
@@ -194,10 +193,10 @@ def fanout_steps(job: ModelJob) -> list[Step]:
                                serve)),
              variants={"replace": (Cmd(argv=("docker", "rm", "-f", serve)), *start)},
              reason=f"serve {job.path(head)} read-only on {head.address}:{port} to the other hosts (token "
-                    "in a 0600 file; stops when idle for 300 s, or below)",
+                    "in a 0600 file; stopped below, or by itself when idle for 300 s)",
              ops=start),
         *copies,
         Step(id=f"{head.name}/model-serve-stop", host=head.name, phase="model-done", use_output=True,
              check=Check(argv=("docker", "ps", "-a", "--filter", f"name=^{serve}$", "--format", "{{.Names}}")),
-             reason="stop the model server", ops=(Cmd(argv=("docker", "rm", "-f")),)),
+             reason="stop the model server", ops=(Cmd(argv=("docker", "rm", "-f")), *_forget(job, head, "serve"))),
     ]

@@ -112,9 +112,8 @@ def _run_runbook(tmp_path: Path, script: str, answer: str = "") -> Path:
     bin_dir, work = tmp_path / "bin", tmp_path / "work"
     bin_dir.mkdir()
     work.mkdir()
-    for tool in ("docker", "curl"):      # `docker logs` says what the model server prints once it listens
+    for tool in ("docker", "curl"):
         (bin_dir / tool).write_text(f"#!/bin/sh\nprintf '%s\\0' {tool} \"$@\" >> {tmp_path}/calls.log\n"
-                                    '[ "$1" = logs ] && echo \'{"ev": "listening"}\'\n'
                                     f'[ {tool} = curl ] && cat {tmp_path}/answer\nexit 0\n')
         (bin_dir / tool).chmod(0o755)
     (tmp_path / "answer").write_text(answer)     # what the API "answers" (the runbook checks it)
