@@ -3,6 +3,18 @@
 
     python scripts/gen_engine_tables.py [VERSION ...]
 
+    python scripts/gen_engine_tables.py --all [--reuse] [VERSION ...]
+
+--all: every release on PyPI >= 0.3.0 (post releases included; the PEP 503 page
+https://pypi.org/simple/vllm/ gives versions, upload dates and yanked marks; a release without a
+CPython 3.11 linux x86_64 wheel, or yanked, is listed under "skipped" with the reason) into ONE
+compact file cluster/knowledge/vllm/releases.json, read by cluster/knowledge/releases.py: pools of
+distinct flag definitions / aliases / env var names / architectures, per release the pool ids as
+"a-b,c" ranges plus the traits (entrypoint, pipeline_parallel, executor, multi_node,
+engine_generation, v1_below_cc80; a fact not derivable is null and null_reasons says why).
+Each wheel is downloaded once; only a slim copy (vllm/**/*.py + dist-info, a few MB) is kept in
+$GPUCLUSTER_WHEEL_CACHE/src and the wheel is deleted unless GPUCLUSTER_KEEP_WHEELS=1.
+
 With no version: 0.3.0 0.6.3 0.10.1.1 and the newest vLLM release on PyPI
 (`pip index versions vllm`).  Each wheel is downloaded once with
 `pip download --no-deps --only-binary=:all:` (linux x86_64, CPython 3.11 tags)
@@ -38,11 +50,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import html.parser
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -94,12 +108,19 @@ def fetch_wheel(version: str) -> Path:
     return whl
 
 
+SLIM_SUFFIX = ".py.zip"
+
+
 class Wheel:
+    """A vLLM wheel, or its slim copy (`<wheel name>.py.zip`: the Python files and dist-info)."""
+
     def __init__(self, path: Path):
-        self.path = path
+        self.path = Path(path)
         self.zip = zipfile.ZipFile(path)
         self.names = set(self.zip.namelist())
         self._ast: dict[str, ast.Module | None] = {}
+        name = self.path.name
+        self.wheel_name = name[: -len(SLIM_SUFFIX)] if name.endswith(SLIM_SUFFIX) else name
 
     def read(self, name: str) -> str:
         return self.zip.read(name).decode("utf-8", "replace")
@@ -1039,7 +1060,7 @@ class Interp:
             o = v.origin
             on = o.name if isinstance(o, Ext) else getattr(o, "name", "")
             short = on.split(".")[-1]
-            if short in ("Annotated", "SkipValidation"):
+            if short in ("Annotated", "SkipValidation", "InitVar"):
                 return self.hints_of(v.args[0], depth + 1)
             if short == "Optional":
                 return self.hints_of(v.args[0], depth + 1) | {("none",)}
@@ -1053,7 +1074,11 @@ class Interp:
                 for a in v.args:
                     if isinstance(a, EnumMember):
                         a = a.value
-                    vals.append(a)
+                    inner = self.hints_of(a, depth + 1) if isinstance(a, Generic) else set()
+                    if len(inner) == 1 and next(iter(inner))[0] == "literal":
+                        vals.extend(next(iter(inner))[1])    # Literal["auto", OtherLiteral] is flat
+                    else:
+                        vals.append(a)
                 return {("literal", tuple(vals))}
             if short in ("list", "List", "Sequence", "MutableSequence"):
                 return {("list", self._elem(v.args[0] if v.args else UNKNOWN, depth))}
@@ -1164,7 +1189,14 @@ class Interp:
 
 def find_parser_builder(interp: Interp, w: Wheel):
     """The function that builds the OpenAI API server's parser, and how to call it."""
-    for mod in ("vllm.entrypoints.openai.cli_args", "vllm.entrypoints.common.cli_args"):
+    cands = ["vllm.entrypoints.openai.cli_args", "vllm.entrypoints.common.cli_args",
+             "vllm.entrypoints.launchers.cli_args"]
+    # wherever `vllm serve` imports make_arg_parser from (it moved between releases)
+    serve = w.tree("vllm.entrypoints.cli.serve")
+    for st in ast.walk(serve) if serve else []:
+        if isinstance(st, ast.ImportFrom) and st.module and any(a.name == "make_arg_parser" for a in st.names):
+            cands.append(interp.resolve_module("vllm.entrypoints.cli.serve", st.level, st.module))
+    for mod in dict.fromkeys(cands):
         if w.module_file(mod):
             f = interp.lookup(mod, "make_arg_parser")
             if isinstance(f, FuncRef):
@@ -1226,8 +1258,11 @@ def flexible_underscores(w: Wheel, api_src: str) -> bool:
 def env_vars(w: Wheel) -> list[str]:
     names: set[str] = set()
     for n in w.py_files():
+        text = w.read(n)
+        if n != "vllm/envs.py" and "environ" not in text and "getenv" not in text:
+            continue            # no read of the environment can be in this file
         try:
-            tree = ast.parse(w.read(n))
+            tree = ast.parse(text)
         except SyntaxError:
             continue
         for node in ast.walk(tree):
@@ -1304,9 +1339,301 @@ def requires(w: Wheel) -> dict[str, str]:
     return out
 
 
-def generate(version: str) -> dict:
-    whl = fetch_wheel(version)
-    w = Wheel(whl)
+# --------------------------------------------------------------------------- traits
+
+def _main_block(tree: ast.Module | None) -> ast.If | None:
+    for st in (tree.body if tree else []):
+        if isinstance(st, ast.If) and re.fullmatch(r"__name__ == ['\"]__main__['\"]", ast.unparse(st.test)):
+            return st
+    return None
+
+
+def entrypoint_trait(w: Wheel, api_server_module: str | None, serve: bool) -> dict:
+    """How a server is started: `python3 -m <api_server>` and/or `vllm serve`."""
+    deprecated = False
+    if api_server_module:
+        main = _main_block(w.tree(api_server_module))
+        deprecated = bool(main and "deprecat" in ast.unparse(main).lower())
+    if serve and (api_server_module is None or deprecated):
+        preferred = ["vllm", "serve"]
+    elif api_server_module:
+        preferred = ["python3", "-m", api_server_module]
+    else:
+        preferred = None
+    return {"entrypoint": preferred, "api_server_deprecated": deprecated}
+
+
+def _raise_message(node: ast.Raise) -> str | None:
+    call = node.exc
+    if not isinstance(call, ast.Call) or not call.args:
+        return None
+    parts = []
+    for a in ast.walk(call.args[0]):
+        if isinstance(a, ast.Constant) and isinstance(a.value, str):
+            parts.append(a.value)
+    return "".join(parts) or ast.unparse(call.args[0])
+
+
+def _raises_not_implemented(st) -> bool:
+    return isinstance(st, ast.Raise) and st.exc is not None and \
+        ast.unparse(st.exc.func if isinstance(st.exc, ast.Call) else st.exc).endswith("NotImplementedError")
+
+
+_PP_TEST = re.compile(r"pipeline_parallel_size\s*>\s*1")
+_PP_ALWAYS = re.compile(r"^[\w.]*pipeline_parallel_size > 1$")
+_PP_MODEL = re.compile(r"is_pp_supported_model|_PP_SUPPORTED_MODELS|SupportsPP|supports_pp")
+
+
+def pp_raise_sites(w: Wheel) -> list[dict]:
+    """Every `raise NotImplementedError` guarded by `pipeline_parallel_size > 1`."""
+    sites, seen = [], set()
+    for n in w.py_files():
+        text = w.read(n)
+        if "pipeline_parallel_size" not in text or "NotImplementedError" not in text:
+            continue
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.If) or not _PP_TEST.search(ast.unparse(node.test)):
+                continue
+            outer = ast.unparse(node.test)
+            cands = [(st, outer, True) for st in node.body]
+            cands += [(inner, f"{outer} and {ast.unparse(st.test)}", False)
+                      for st in node.body if isinstance(st, ast.If) for inner in st.body]
+            for st, cond, direct in cands:
+                if not _raises_not_implemented(st) or (n, st.lineno) in seen:
+                    continue
+                seen.add((n, st.lineno))
+                in_config = n == "vllm/config.py" or n.startswith("vllm/config/")
+                if _PP_MODEL.search(cond):
+                    kind = "model"
+                elif direct and in_config and _PP_ALWAYS.match(cond):
+                    kind = "always"
+                else:
+                    kind = "other"
+                sites.append({"file": n, "when": cond, "kind": kind, "message": _raise_message(st)})
+    return sorted(sites, key=lambda s: (s["file"], s["when"]))
+
+
+def _registry(interp: Interp, w: Wheel) -> dict:
+    mod = "vllm.model_executor.models.registry"
+    d = interp.lookup(mod, "_VLLM_MODELS") if w.module_file(mod) else \
+        interp.lookup("vllm.model_executor.models", "_MODELS")
+    return d if isinstance(d, dict) else {}
+
+
+def _has_base(interp: Interp, c, name: str, depth=0) -> bool:
+    if depth > 12 or not isinstance(c, ClassRef):
+        return False
+    for b in interp.class_bases(c):
+        bname = b.name if isinstance(b, (ClassRef, Ext)) else ""
+        if bname.split(".")[-1] == name or _has_base(interp, b, name, depth + 1):
+            return True
+    return False
+
+
+def pp_architectures(interp: Interp, w: Wheel, archs: list[str]) -> tuple[list[str] | None, str | None]:
+    """Architectures that may run with PP>1, or (None, reason)."""
+    lst = interp.lookup("vllm.config", "_PP_SUPPORTED_MODELS") if w.module_file("vllm.config") else UNKNOWN
+    if isinstance(lst, (list, tuple, set)):
+        return sorted(a for a in lst if isinstance(a, str)), None
+    reg = _registry(interp, w)
+    out, unresolved = [], []
+    for arch in archs:
+        ent = reg.get(arch)
+        if not (isinstance(ent, tuple) and len(ent) >= 2 and all(isinstance(x, str) for x in ent[:2])):
+            unresolved.append(arch)
+            continue
+        cls = interp.lookup(f"vllm.model_executor.models.{ent[0]}", ent[1])
+        if not isinstance(cls, ClassRef):
+            unresolved.append(arch)
+            continue
+        if _has_base(interp, cls, "SupportsPP"):
+            out.append(arch)
+    if unresolved and len(unresolved) > len(archs) // 2:
+        return None, f"model classes not resolvable from the registry ({len(unresolved)} of {len(archs)})"
+    return sorted(out), None
+
+
+def pipeline_parallel_trait(interp: Interp, w: Wheel, flags: dict, archs: list[str], nulls: dict) -> dict:
+    sites = pp_raise_sites(w)
+    flag = "--pipeline-parallel-size" in flags
+    always = [s for s in sites if s["kind"] == "always"]
+    model = [s for s in sites if s["kind"] == "model"]
+    supported = flag and not always
+    out = {"flag": flag, "supported": supported, "raises_not_implemented": bool(always),
+           "model_restricted": bool(model) if supported else None, "architectures": None,
+           "not_implemented": sites}
+    if supported and model:
+        pp_archs, why = pp_architectures(interp, w, archs)
+        out["architectures"] = pp_archs
+        if pp_archs is None:
+            nulls["pipeline_parallel.architectures"] = why
+    elif not supported:
+        nulls["pipeline_parallel.model_restricted"] = "pipeline parallelism not supported in this release"
+    return out
+
+
+def executor_trait(flags: dict) -> dict:
+    deb = flags.get("--distributed-executor-backend")
+    ray_args = None
+    if deb is not None and (deb["choices"] is None or "ray" in deb["choices"]):
+        ray_args = ["--distributed-executor-backend", "ray"]
+    elif "--worker-use-ray" in flags:
+        ray_args = ["--worker-use-ray"]
+    return {"flag": "--distributed-executor-backend" if deb else
+            ("--worker-use-ray" if "--worker-use-ray" in flags else None),
+            "choices": deb["choices"] if deb else None,
+            "worker_use_ray": "--worker-use-ray" in flags,
+            "ray_args": ray_args}
+
+
+MP_NODE_FLAGS = ["--nnodes", "--node-rank", "--master-addr", "--master-port", "--headless"]
+
+
+def multi_node_trait(flags: dict, executor: dict) -> dict:
+    present = [f for f in MP_NODE_FLAGS if f in flags]
+    return {"ray": executor["ray_args"] is not None,
+            "mp": all(f in flags for f in ("--nnodes", "--node-rank", "--master-addr")),
+            "mp_flags": present,
+            "data_parallel_flags": sorted(f for f in flags if f.startswith("--data-parallel-"))}
+
+
+def _env_default(w: Wheel, name: str) -> str | None:
+    """The default string in envs.py's `os.getenv(name, "<default>")`."""
+    tree = w.tree("vllm.envs")
+    for node in ast.walk(tree) if tree else []:
+        if isinstance(node, ast.Dict):
+            for k, v in zip(node.keys, node.values):
+                if isinstance(k, ast.Constant) and k.value == name:
+                    for c in ast.walk(v):
+                        if isinstance(c, ast.Call) and len(c.args) >= 2 and \
+                                isinstance(c.args[0], ast.Constant) and c.args[0].value == name and \
+                                isinstance(c.args[1], ast.Constant):
+                            return str(c.args[1].value)
+    return None
+
+
+def engine_trait(w: Wheel, nulls: dict) -> dict:
+    v1 = any(n in w.names for n in ("vllm/v1/engine/core.py", "vllm/v1/engine/llm_engine.py",
+                                    "vllm/v1/engine/async_llm.py"))
+    tree = w.tree("vllm.engine.llm_engine")
+    v0 = bool(tree) and any(isinstance(st, ast.ClassDef) and st.name == "LLMEngine" for st in tree.body)
+    env_default = _env_default(w, "VLLM_USE_V1")
+    if not v1:
+        default = "v0"
+    elif not v0:
+        default = "v1"
+    elif env_default is not None:
+        default = "v1" if env_default.strip().lower() in ("1", "true") else "v0"
+    else:
+        default = None
+        nulls["engine_generation.default"] = "V0 and V1 both present and no VLLM_USE_V1 default in envs.py"
+    if env_default is None:
+        nulls["engine_generation.VLLM_USE_V1_default"] = "envs.py does not read VLLM_USE_V1"
+    return {"default": default, "v0": v0, "v1": v1, "VLLM_USE_V1_default": env_default}
+
+
+_SAFE_CAP = re.compile(r"^[\w\s.,()\[\]<>=!]+$")
+
+
+class _Cap(tuple):
+    def __new__(cls, major, minor=0):
+        return super().__new__(cls, (major, minor))
+
+    major = property(lambda s: s[0])
+    minor = property(lambda s: s[1])
+
+    def to_int(self):
+        return self[0] * 10 + self[1]
+
+
+def _cap_check(fn: ast.FunctionDef, cap: tuple[int, int]) -> bool | None:
+    """Evaluate a one-line `supports_compute_capability` body at `cap`; None if not that simple."""
+    body = [st for st in fn.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
+    if len(body) != 1 or not isinstance(body[0], ast.Return) or body[0].value is None:
+        return None
+    expr = ast.unparse(body[0].value)
+    if not _SAFE_CAP.match(expr) or "__" in expr:
+        return None
+    names = {a.arg: _Cap(*cap) for a in fn.args.args[1:]}
+    names.update(DeviceCapability=_Cap, True_=True)
+    try:
+        r = eval(compile(expr, "<cap>", "eval"), {"__builtins__": {}}, names)   # noqa: S307
+    except Exception:
+        return None
+    return r if isinstance(r, bool) else None
+
+
+def _attention_backends_below_80(w: Wheel) -> dict[str, dict] | None:
+    """V1 attention backends (non-MLA) and whether each accepts cc 7.0 / 7.5."""
+    out = {}
+    for n in w.py_files():
+        if not n.startswith("vllm/v1/attention/backends/") or "/mla/" in n:
+            continue
+        try:
+            tree = ast.parse(w.read(n))
+        except SyntaxError:
+            continue
+        for c in tree.body:
+            if not isinstance(c, ast.ClassDef) or not c.name.endswith("Backend"):
+                continue
+            for fn in c.body:
+                if isinstance(fn, ast.FunctionDef) and fn.name == "supports_compute_capability":
+                    out[c.name] = {"7.0": _cap_check(fn, (7, 0)), "7.5": _cap_check(fn, (7, 5)),
+                                   "file": n}
+    return out or None
+
+
+def v1_below_cc80_trait(w: Wheel, eng: dict, nulls: dict) -> dict | None:
+    key = "v1_below_cc80"
+    if not eng["v1"]:
+        nulls[key] = "no V1 engine in this release"
+        return None
+    args = w.read("vllm/engine/arg_utils.py") if "vllm/engine/arg_utils.py" in w.names else ""
+    if re.search(r"""_raise_or_fallback\(\s*feature_name\s*=\s*['"]Compute Capability < 8\.0""", args):
+        m = re.search(r"def _raise_or_fallback\(.*?(?=\ndef |\Z)", args, re.S)
+        forced = bool(m and "NotImplementedError" in m.group(0) and "VLLM_USE_V1" in m.group(0))
+        if eng["v0"]:
+            return {"behaviour": "falls back to V0",
+                    "error_if_VLLM_USE_V1_set": forced,
+                    "evidence": "vllm/engine/arg_utils.py: _is_v1_supported_oracle -> "
+                                "_raise_or_fallback(feature_name=\"Compute Capability < 8.0\")"}
+    if eng["default"] != "v1":
+        nulls[key] = "V1 is opt-in (VLLM_USE_V1 default %r) and the source has no cc < 8.0 rule for it" \
+            % eng["VLLM_USE_V1_default"]
+        return None
+    cuda = w.read("vllm/platforms/cuda.py") if "vllm/platforms/cuda.py" in w.names else ""
+    m = re.search(r"#\s*(FlexAttention is the default for older GPUs)", cuda)
+    if m:
+        return {"behaviour": "runs V1 with the FlexAttention backend", "error_if_VLLM_USE_V1_set": False,
+                "evidence": "vllm/platforms/cuda.py: get_attn_backend_cls: " + m.group(1)}
+    backends = _attention_backends_below_80(w)
+    if backends and "_get_backend_priorities" in cuda:
+        ok70 = sorted(b for b, v in backends.items() if v["7.0"])
+        ok75 = sorted(b for b, v in backends.items() if v["7.5"])
+        unknown = sorted(b for b, v in backends.items() if v["7.0"] is None)
+        if ok70:
+            return {"behaviour": "runs V1; attention backend picked by priority among those "
+                                 "whose supports_compute_capability() accepts the GPU",
+                    "error_if_VLLM_USE_V1_set": False,
+                    "backends_cc70": ok70, "backends_cc75": ok75, "backends_unevaluated": unknown,
+                    "evidence": "vllm/platforms/cuda.py: _get_backend_priorities; "
+                                "vllm/v1/attention/backends/*: supports_compute_capability"}
+    nulls[key] = "V1 is the default but no cc < 8.0 rule was recognised in the source"
+    return None
+
+
+# --------------------------------------------------------------------------- one wheel
+
+def extract(path: Path) -> dict:
+    """All facts of one vLLM wheel (or slim copy); nothing is downloaded."""
+    w = Wheel(path)
+    meta = w.dist_info("METADATA") or ""
+    mv = re.search(r"^Version:\s*(\S+)", meta, re.M)
+    version = mv.group(1) if mv else w.wheel_name.split("-")[1]
     interp = Interp(w)
     builder, api_mod, takes_parser = find_parser_builder(interp, w)
     if takes_parser:
@@ -1330,33 +1657,315 @@ def generate(version: str) -> dict:
     api_src = w.read(w.module_file(api_server_module)) if w.module_file(api_server_module) else ""
     if "__main__" not in api_src:
         api_server_module = None
-    return {
+    archs = architectures(interp, w)
+    nulls: dict[str, str] = {}
+    reqs = requires(w)
+    for r in ("torch", "transformers", "ray", "xformers"):
+        if r not in reqs:
+            nulls[f"requires.{r}"] = "not an unconditional Requires-Dist of the wheel (absent or extra-only)"
+    flags = dict(sorted(flags.items()))
+    executor = executor_trait(flags)
+    eng = engine_trait(w, nulls)
+    out = {
         "engine": "vllm",
         "version": version,
-        "wheel": whl.name,
+        "wheel": w.wheel_name,
         "generated_by": "scripts/gen_engine_tables.py",
-        "flags": dict(sorted(flags.items())),
+        "flags": flags,
         "aliases": dict(sorted(aliases.items())),
         "underscores": flexible_underscores(w, api_src + w.read(w.module_file(api_mod))),
         "api_server_module": api_server_module,
         "serve_subcommand": serve,
         "env_vars": env_vars(w),
-        "architectures": architectures(interp, w),
-        "requires": requires(w),
+        "architectures": archs,
+        "requires": reqs,
     }
+    out.update(entrypoint_trait(w, api_server_module, serve))
+    out["pipeline_parallel"] = pipeline_parallel_trait(interp, w, flags, archs, nulls)
+    out["executor"] = executor
+    out["multi_node"] = multi_node_trait(flags, executor)
+    out["engine_generation"] = eng
+    out["v1_below_cc80"] = v1_below_cc80_trait(w, eng, nulls)
+    out["null_reasons"] = dict(sorted(nulls.items()))
+    return out
+
+
+# keys of extract() that the per-version files (cluster/knowledge/vllm/<version>.json) carry
+TABLE_KEYS = ["engine", "version", "wheel", "generated_by", "flags", "aliases", "underscores",
+              "api_server_module", "serve_subcommand", "env_vars", "architectures", "requires"]
+
+
+def generate(version: str) -> dict:
+    """The per-version table (the shape of cluster/knowledge/vllm/<version>.json)."""
+    full = extract(source_for(version))
+    return {k: full[k] for k in TABLE_KEYS}
+
+
+# --------------------------------------------------------------------------- releases on PyPI
+
+INDEX_URL = os.environ.get("GPUCLUSTER_VLLM_INDEX", "https://pypi.org/simple/vllm/")
+MIN_VERSION = "0.3.0"
+RELEASES_OUT = OUT_DIR / "releases.json"
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[tuple[str, dict]] = []
+        self._attrs = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self._attrs = dict(attrs)
+            self._text = ""
+
+    def handle_data(self, data):
+        if self._attrs is not None:
+            self._text += data
+
+    def handle_endtag(self, tag):
+        if tag == "a" and self._attrs is not None:
+            self.links.append((self._text.strip(), self._attrs))
+            self._attrs = None
+
+
+def wheel_usable(filename: str) -> bool:
+    """A wheel that pip could install for CPython 3.11 on linux x86_64."""
+    from packaging.utils import parse_wheel_filename
+    try:
+        _, _, _, tags = parse_wheel_filename(filename)
+    except Exception:
+        return False
+    for t in tags:
+        if "x86_64" not in t.platform or "linux" not in t.platform:
+            continue
+        if t.interpreter == "cp311" or t.interpreter in ("py3", "py311"):
+            return True
+        m = re.fullmatch(r"cp3(\d+)", t.interpreter)
+        if t.abi == "abi3" and m and int(m.group(1)) <= 11:
+            return True
+    return False
+
+
+def parse_index(page: str, min_version: str = MIN_VERSION) -> tuple[list[dict], list[dict]]:
+    """(releases, skipped) from a PEP 503 simple page; releases in version order."""
+    from packaging.utils import parse_sdist_filename, parse_wheel_filename
+    from packaging.version import Version
+
+    lp = _Links()
+    lp.feed(page)
+    by_ver: dict = {}
+    for text, attrs in lp.links:
+        fn = text or attrs.get("href", "").split("#")[0].rsplit("/", 1)[-1]
+        try:
+            ver = parse_wheel_filename(fn)[1] if fn.endswith(".whl") else parse_sdist_filename(fn)[1]
+        except Exception:
+            continue
+        by_ver.setdefault(ver, []).append((fn, attrs))
+    releases, skipped = [], []
+    for ver in sorted(by_ver):
+        if ver < Version(min_version) or ver.is_prerelease or ver.is_devrelease:
+            continue
+        files = by_ver[ver]
+        dates = sorted(a.get("data-upload-time", "") for _, a in files if a.get("data-upload-time"))
+        released = dates[0][:10] if dates else None
+        wheels = [(fn, a) for fn, a in files if fn.endswith(".whl") and wheel_usable(fn)]
+        live = [(fn, a) for fn, a in wheels if "data-yanked" not in a]
+        if not wheels:
+            kinds = sorted({"sdist" if not fn.endswith(".whl") else fn.split("-")[-1][:-4] for fn, _ in files})
+            skipped.append({"version": str(ver), "released": released,
+                            "reason": "no CPython 3.11 linux x86_64 wheel (files: %s)" % ", ".join(kinds)})
+        elif not live:
+            why = next((a.get("data-yanked") for _, a in wheels if a.get("data-yanked")), "")
+            skipped.append({"version": str(ver), "released": released,
+                            "reason": "yanked" + (f": {why}" if why else "")})
+        else:
+            releases.append({"version": str(ver), "released": released, "wheel": live[0][0]})
+    return releases, skipped
+
+
+def list_releases() -> tuple[list[dict], list[dict]]:
+    import urllib.request
+    try:
+        req = urllib.request.Request(INDEX_URL, headers={"Accept": "application/vnd.pypi.simple.v1+html"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return parse_index(r.read().decode("utf-8", "replace"))
+    except OSError as e:
+        print(f"warning: cannot read {INDEX_URL} ({e}); falling back to `pip index versions` "
+              "(no release dates, no yanked marks)", file=sys.stderr)
+    from packaging.version import Version
+    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "vllm"],
+                         capture_output=True, text=True, check=True).stdout
+    m = re.search(r"Available versions:\s*(.+)", out)
+    vers = sorted(Version(v.strip()) for v in (m.group(1).split(",") if m else []))
+    return [{"version": str(v), "released": None, "wheel": None} for v in vers
+            if v >= Version(MIN_VERSION) and not v.is_prerelease], []
+
+
+def slim_copy(whl: Path) -> Path:
+    """Keep only vllm/**/*.py and dist-info from a wheel (a few MB instead of hundreds)."""
+    dst = CACHE / "src" / (whl.name + SLIM_SUFFIX)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(".tmp")
+    with zipfile.ZipFile(whl) as zi, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zo:
+        for n in zi.namelist():
+            if (n.startswith("vllm/") and n.endswith(".py")) or \
+                    (".dist-info/" in n and n.count("/") == 1 and not n.endswith("RECORD")):
+                zo.writestr(n, zi.read(n))
+    tmp.replace(dst)
+    return dst
+
+
+def source_for(version: str) -> Path:
+    """The slim copy of vllm==version's wheel: downloaded once, the wheel deleted afterwards
+    unless GPUCLUSTER_KEEP_WHEELS=1."""
+    hits = sorted((CACHE / "src").glob(f"vllm-{version}-*.whl{SLIM_SUFFIX}"))
+    if hits:
+        return hits[0]
+    whl = fetch_wheel(version)
+    slim = slim_copy(whl)
+    if os.environ.get("GPUCLUSTER_KEEP_WHEELS") != "1":
+        whl.unlink()
+    return slim
+
+
+# --------------------------------------------------------------------------- compact form
+
+LIST_KEYS = {"env_vars": "env_vars", "architectures": "architectures"}
+
+
+def _ranges(ids: list[int]) -> str:
+    ids = sorted(set(ids))
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def compact(records: list[dict], skipped: list[dict]) -> dict:
+    """Pools of distinct flag definitions / aliases / names, and per release their ids as ranges."""
+    pools: dict[str, list] = {"flags": [], "aliases": [], "env_vars": [], "architectures": []}
+    index: dict[str, dict] = {k: {} for k in pools}
+
+    def ids(pool, items):
+        out = []
+        for it in items:
+            key = json.dumps(it, sort_keys=True)
+            if key not in index[pool]:
+                index[pool][key] = len(pools[pool])
+                pools[pool].append(it)
+            out.append(index[pool][key])
+        return _ranges(out)
+
+    rels = []
+    for r in records:
+        r = dict(r)
+        for k in ("engine", "generated_by"):
+            r.pop(k, None)
+        r["flags"] = ids("flags", [[n, s["value"], s["choices"], s["type"], s["nargs"]]
+                                   for n, s in r["flags"].items()])
+        r["aliases"] = ids("aliases", [[a, t] for a, t in r["aliases"].items()])
+        r["env_vars"] = ids("env_vars", r["env_vars"])
+        r["architectures"] = ids("architectures", r["architectures"])
+        pp = dict(r["pipeline_parallel"])
+        if pp.get("architectures") is not None:
+            pp["architectures"] = ids("architectures", pp["architectures"])
+        r["pipeline_parallel"] = pp
+        rels.append(r)
+    return {"format": "gpucluster-vllm-releases/1",
+            "generated_by": "scripts/gen_engine_tables.py --all",
+            "source": f"{INDEX_URL} (wheels: pip download --no-deps)",
+            "id_lists": "comma-separated ids and id ranges (a-b) into pools",
+            "pools": pools, "releases": rels, "skipped": skipped}
+
+
+def dump_compact(data: dict) -> str:
+    """Stable JSON, one pool entry / release per line (reviewable diffs)."""
+    d = lambda x: json.dumps(x, sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # noqa: E731
+    lines = ["{"]
+    for k in ("format", "generated_by", "source", "id_lists"):
+        lines.append(f" {d(k)}: {d(data[k])},")
+    lines.append(' "pools": {')
+    pk = list(data["pools"])
+    for i, k in enumerate(pk):
+        lines.append(f"  {d(k)}: [")
+        items = data["pools"][k]
+        lines += [f"   {d(x)}{',' if j < len(items) - 1 else ''}" for j, x in enumerate(items)]
+        lines.append("  ]" + ("," if i < len(pk) - 1 else ""))
+    lines.append(" },")
+    for key in ("releases", "skipped"):
+        lines.append(f" {d(key)}: [")
+        items = data[key]
+        lines += [f"  {d(x)}{',' if j < len(items) - 1 else ''}" for j, x in enumerate(items)]
+        lines.append(" ]" + ("," if key == "releases" else ""))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def generate_all(out: Path, only: list[str] | None = None, reuse: bool = False) -> int:
+    releases, skipped = list_releases()
+    if only:
+        releases = [r for r in releases if r["version"] in only]
+    old = {}
+    if reuse and out.exists():
+        sys.path.insert(0, str(REPO))
+        from cluster.knowledge import releases as reader
+        data = json.loads(out.read_text())
+        old = {r["version"]: reader.decode(data, r) for r in data["releases"]}
+    records = []
+    for rel in releases:
+        v = rel["version"]
+        if v in old:
+            rec = old[v]
+        else:
+            t0 = time.time()
+            try:
+                rec = extract(source_for(v))
+            except (SystemExit, Exception) as e:    # one bad release must not sink the others
+                skipped.append({"version": v, "released": rel["released"],
+                                "reason": f"extraction failed: {e}"})
+                print(f"vllm {v}: FAILED ({e})", file=sys.stderr)
+                continue
+            if rec["version"] != v:
+                raise SystemExit(f"wheel for {v} says it is {rec['version']}")
+            print(f"vllm {v}: {len(rec['flags'])} flags, {len(rec['architectures'])} architectures, "
+                  f"{len(rec['env_vars'])} env vars, engine {rec['engine_generation']['default']}, "
+                  f"pp {rec['pipeline_parallel']['supported']} ({time.time() - t0:.0f}s)", flush=True)
+        rec = {"released": rel["released"], **rec}
+        records.append(rec)
+    from packaging.version import Version
+    skipped.sort(key=lambda s: Version(s["version"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dump_compact(compact(records, skipped)))
+    print(f"{len(records)} releases -> {out}; skipped: "
+          + (", ".join(f"{s['version']} ({s['reason']})" for s in skipped) or "none"))
+    return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("versions", nargs="*", help="vLLM versions (default: %s + newest on PyPI)"
                     % " ".join(DEFAULT_VERSIONS))
-    ap.add_argument("--out", type=Path, default=OUT_DIR)
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"output directory (per-version files) or file (--all; default {RELEASES_OUT})")
+    ap.add_argument("--all", action="store_true",
+                    help=f"every release on PyPI >= {MIN_VERSION} into one compact releases.json "
+                         "(with versions: only those, e.g. to test)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --all: keep the records already in the output file, process only new releases")
     a = ap.parse_args(argv)
+    if a.all:
+        return generate_all(a.out or RELEASES_OUT, only=a.versions or None, reuse=a.reuse)
+    out_dir = a.out or OUT_DIR
     versions = a.versions or DEFAULT_VERSIONS + [newest_version()]
-    a.out.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for v in dict.fromkeys(versions):
         data = generate(v)
-        path = a.out / f"{v}.json"
+        path = out_dir / f"{v}.json"
         path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         print(f"vllm {v}: {len(data['flags'])} flags, {len(data['architectures'])} architectures, "
               f"{len(data['env_vars'])} env vars -> {path.relative_to(REPO) if REPO in path.parents else path}")
