@@ -8,7 +8,7 @@ namespace (a slow uplink to hf-mirror.com), then for each strategy the script me
 time and the bytes the mirror served (from its request log):
 
   (a) every host downloads the model itself (the agent's `sync` on each host, in parallel);
-  (b) `delivery.deliver`: the head downloads once, then copies host to host.
+  (b) `gpucluster model pull`: the head downloads once, the others pull from it over the LAN.
 
 The tc qdisc is removed afterwards (also on Ctrl-C); model folders created here are removed too.
 It prints figures; it is not a test.
@@ -17,7 +17,6 @@ It prints figures; it is not a test.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -30,10 +29,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cluster import core, delivery  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[1]
 
 def tc(netns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "tc", *args], capture_output=True, text=True,
@@ -77,29 +73,38 @@ def clean(inv_path: Path) -> None:
         shutil.rmtree(h["model_dir"], ignore_errors=True)
 
 
+def pull(inv_path: Path, *extra: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "cluster", "model", "pull", str(inv_path), "--json", *extra], cwd=REPO,
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        sys.exit(f"model pull failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout)["hosts"]
+
+
 def every_host(inv_path: Path) -> dict:
-    """(a): each host runs the download itself, all at once."""
-    inv, prof = core.load(str(inv_path))
-    plan = core.make_plan(inv, prof)
+    """(a): each host runs the download itself, all at once (one single-host `model pull` per host)."""
+    names = [h["name"] for h in yaml.safe_load(inv_path.read_text())["hosts"]]
     out: dict = {}
-    with core._connect(inv) as hosts:
-        def one(h):
-            solo = dataclasses.replace(plan, setup=dataclasses.replace(plan.setup, hosts=(h,)))
-            out[h.name] = delivery.deliver(hosts, solo)[h.name]
-        threads = [threading.Thread(target=one, args=(h,)) for h in plan.setup.hosts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+
+    def one(name):
+        data = yaml.safe_load(inv_path.read_text())
+        data["hosts"] = [h for h in data["hosts"] if h["name"] == name]
+        data["hosts"][0]["role"] = "head"
+        data["deploy"]["tensor_parallel"] = 2
+        solo = inv_path.with_name(f"{inv_path.stem}-{name}.yaml")
+        solo.write_text(yaml.safe_dump(data, sort_keys=False))
+        out.update(pull(solo))
+    threads = [threading.Thread(target=one, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     return out
 
 
 def fan_out(inv_path: Path) -> dict:
-    """(b): download once on the head, copy host to host."""
-    inv, prof = core.load(str(inv_path))
-    plan = core.make_plan(inv, prof)
-    with core._connect(inv) as hosts:
-        return delivery.deliver(hosts, plan, progress=lambda s: print("   ", s, file=sys.stderr))
+    """(b): download once on the head, the other hosts pull from it over the LAN."""
+    return pull(inv_path)
 
 
 def measure(label: str, fn, inv_path: Path, rig: dict) -> dict:
