@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import os
+import socketserver
 import sys
 import threading
 import time
@@ -206,66 +207,23 @@ def download_file(job: Dict[str, Any], commit: str, e: Entry, target: str, token
     part = confined(os.path.join(target, PARTIAL_DIR), path)
     final = confined(target, path)
     os.makedirs(os.path.dirname(part), exist_ok=True)
-    moved = 0
+    moved, why = 0, "download failed"
     for attempt in range(4):
+        if attempt:
+            time.sleep(attempt)
         have = os.path.getsize(part) if os.path.exists(part) else 0
         if have > size:
             os.remove(part)
             have = 0
-        headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}
         try:
-            resp = _opener().open(_request(file_url(job, commit, path), token, headers), timeout=120)
-        except urllib.error.HTTPError as err:
-            if err.code == 416:   # we already hold every byte
-                resp = None
-            else:
-                raise _http_error(job, err.code, f"file {path}", token) from None
-        except (urllib.error.URLError, OSError) as err:
-            if attempt == 3:
-                raise AgentError(f"{path}: download failed ({getattr(err, 'reason', err)})") from None
-            time.sleep(1 + attempt)
-            continue
-        try:
-            if resp is not None and resp.status == 206:
-                h = _Hashes(size)                      # resume: hash what we hold, append the rest
-                with open(part, "rb") as f:
-                    for chunk in iter(lambda: f.read(CHUNK), b""):
-                        h.update(chunk)
-                mode = "ab"
-            elif resp is not None:
-                h, mode = _Hashes(size), "wb"          # Range ignored (olah): start this file again
-                tick.add(-have, path)
-            else:
-                h = _Hashes(size)
-                with open(part, "rb") as f:
-                    for chunk in iter(lambda: f.read(CHUNK), b""):
-                        h.update(chunk)
-                mode = None
-            if mode:
-                with open(part, mode) as out:
-                    while True:
-                        try:
-                            chunk = resp.read(CHUNK)
-                        except (OSError, ValueError) as err:
-                            raise ConnectionError(str(err)) from None
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        h.update(chunk)
-                        moved += len(chunk)
-                        tick.add(len(chunk), path)
+            h, n = _fetch_into(job, commit, path, part, have, size, token, tick)
         except ConnectionError as err:
-            if attempt == 3:
-                raise AgentError(f"{path}: download interrupted ({err})") from None
-            time.sleep(1 + attempt)
+            why = f"download interrupted ({err})"
             continue
-        finally:
-            if resp is not None:
-                resp.close()
+        moved += n
         got = os.path.getsize(part)
         if got < size:
-            if attempt == 3:
-                raise AgentError(f"{path}: got {got} of {size} bytes")
+            why = f"got {got} of {size} bytes"
             continue
         sha, oid = h.sha256.hexdigest(), h.sha1.hexdigest()
         if got != size or (e.get("sha256") and sha != e["sha256"]) or (e.get("oid") and oid != e["oid"]):
@@ -275,7 +233,47 @@ def download_file(job: Dict[str, Any], commit: str, e: Entry, target: str, token
         os.makedirs(os.path.dirname(final) or target, exist_ok=True)
         os.replace(part, final)
         return sha, oid, moved
-    raise AgentError(f"{path}: download failed")
+    raise AgentError(f"{path}: {why}")
+
+
+def _fetch_into(job: Dict[str, Any], commit: str, path: str, part: str, have: int, size: int,
+                token: Optional[str], tick: _Ticker) -> Tuple[_Hashes, int]:
+    """One request: append to (206) or restart (200, Range ignored as by olah) the partial file; its hashes."""
+    headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}
+    try:
+        resp = _opener().open(_request(file_url(job, commit, path), token, headers), timeout=120)
+    except urllib.error.HTTPError as err:
+        if err.code != 416:   # 416: we already hold every byte
+            raise _http_error(job, err.code, f"file {path}", token) from None
+        resp = None
+    except (urllib.error.URLError, OSError) as err:
+        raise ConnectionError(str(getattr(err, "reason", err))) from None
+    h, moved = _Hashes(size), 0
+    try:
+        if resp is None or resp.status == 206:       # hash what we hold, then append the rest
+            with open(part, "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    h.update(chunk)
+        else:
+            tick.add(-have, path)
+        if resp is not None:
+            with open(part, "ab" if resp.status == 206 else "wb") as out:
+                for chunk in iter(lambda: _read(resp), b""):
+                    out.write(chunk)
+                    h.update(chunk)
+                    moved += len(chunk)
+                    tick.add(len(chunk), path)
+    finally:
+        if resp is not None:
+            resp.close()
+    return h, moved
+
+
+def _read(resp) -> bytes:
+    try:
+        return resp.read(CHUNK)
+    except (OSError, ValueError) as err:
+        raise ConnectionError(str(err)) from None
 
 
 def read_manifest_at(target: str) -> Any:
@@ -437,14 +435,22 @@ def agent_serve(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]
                 for chunk in iter(lambda: data.read(CHUNK), b""):
                     self.wfile.write(chunk)
 
-    server = ThreadingHTTPServer((job["bind"], int(job["port"])), Handler)
-    server.daemon_threads = True
+    server = _Server((job["bind"], int(job["port"])), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     emit({"ev": "listening", "port": server.server_address[1]})
     while time.monotonic() - last[0] < float(job.get("idle", 300)):
         time.sleep(1)
     server.shutdown()
     emit({"ev": "done", "summary": "served"})
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self):
+        # HTTPServer.server_bind asks reverse DNS for the address (socket.getfqdn): 10 s on hosts without DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
 
 def _range_start(header: Optional[str], size: int) -> int:
