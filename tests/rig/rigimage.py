@@ -197,14 +197,14 @@ def ensure_wheels():
     return wheels
 
 
-def ensure_debootstrap_tarball():
+def ensure_debootstrap_tarball(include=BASE_INCLUDE):
     tb = os.path.join(CACHE, "debootstrap-bookworm-minbase-%s.tgz"
-                      % hashlib.sha256(BASE_INCLUDE.encode()).hexdigest()[:8])
+                      % hashlib.sha256(include.encode()).hexdigest()[:8])
     if os.path.exists(tb):
         return tb
     work = tempfile.mkdtemp(prefix="gcrig-dbs-", dir=CACHE)
     try:
-        run(["debootstrap", "--variant=minbase", "--include=" + BASE_INCLUDE, "--make-tarball=" + tb + ".part",
+        run(["debootstrap", "--variant=minbase", "--include=" + include, "--make-tarball=" + tb + ".part",
              "bookworm", work, "http://deb.debian.org/debian"])
         os.rename(tb + ".part", tb)
     finally:
@@ -350,7 +350,7 @@ def image_size():
     return json.load(open(p)) if os.path.exists(p) else None
 
 
-def setup(force_images=False):
+def setup(force_images=False, real_engine=False):
     os.makedirs(CACHE, exist_ok=True)
     with stage("apt packages"):
         ensure_packages()
@@ -358,3 +358,7 @@ def setup(force_images=False):
         ensure_olah()
     with stage("images"):
         ensure_images(force=force_images)
+    if real_engine:  # opt-in: vLLM's CPU build + a real tiny model (realengine.py)
+        import realengine
+        with stage("real engine"):
+            realengine.ensure(force=force_images)
