@@ -120,14 +120,15 @@ def up(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, model
            "connect, run only the read-only checks, and print per host what would run and what is skipped")),
        json_: bool = JsonOpt, accept: bool = AcceptOpt,
        ready_timeout: float = typer.Option(1800, "--ready-timeout", help="seconds to wait for the model to load"),
-       ray_timeout: float = typer.Option(180, "--ray-timeout", help="seconds to wait for every Ray node to join"),
+       join_timeout: float = typer.Option(180, "--join-timeout", "--ray-timeout",
+                                          help="seconds to wait for every host to join the engine's cluster"),
        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr")) -> None:
     """Probe, then run the plan's steps: image, model, engine containers, API server; wait until it answers."""
     from . import config, ops, render
     inv, prof = ops.load(inventory, profile=profile, model=model, hosts=_hosts(hosts))
     result = ops.up(inv, prof, dry_run=dry_run, progress=_progress(quiet or json_ or dry_run),
                     accept_new_host_keys=accept, tp=tp, pp=pp, sets=config.parse_set(set_ or []),
-                    ready_timeout=ready_timeout, ray_timeout=ray_timeout)
+                    ready_timeout=ready_timeout, join_timeout=join_timeout)
     if json_:
         _emit(result.as_dict())
         return
@@ -135,7 +136,7 @@ def up(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, model
         sys.stdout.write(render.dry_run(result.report) + "\n")
         return
     p = result.plan
-    auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if inv.deploy.api_key is not None else ""
+    auth = ' -H "Authorization: Bearer $API_KEY"' if inv.deploy.api_key is not None else ""
     body = json.dumps({"model": p.served_name, "messages": [{"role": "user", "content": "Hello"}]})
     sys.stdout.write(f"endpoint: {p.endpoint}\nmodel: {p.served_name}\n"
                      f"phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.report.phases.items()) + "\n"
@@ -171,7 +172,7 @@ def down(inventory: str = InventoryArg, purge_model: bool = typer.Option(False, 
 
 @app.command()
 def status(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = AcceptOpt) -> None:
-    """Containers per host, Ray nodes and GPUs, API health; exit 0 only when all is healthy."""
+    """Containers per host, the engine's own view (e.g. Ray nodes and GPUs), API health; exit 0 only when healthy."""
     from . import ops
     inv, prof = ops.load(inventory)
     healthy, out = ops.status(inv, prof, accept_new_host_keys=accept)
@@ -184,8 +185,8 @@ def status(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = 
                 continue
             cs = ", ".join(f"{c['role']} {c['state']} ({c['id']})" for c in h["containers"]) or "no containers"
             sys.stdout.write(f"{name}: {cs}\n")
-        if "ray" in out:
-            sys.stdout.write(f"ray: {len(out['ray']['nodes'])} nodes, {out['ray']['gpus']:g} GPUs\n")
+        for line in out["engine_summary"]:
+            sys.stdout.write(line + "\n")
         sys.stdout.write(f"api: {'healthy' if out['api']['health'] else 'not answering'}"
                          f"{', serving ' + ', '.join(out['api']['models']) if out['api']['models'] else ''}\n")
         for problem in out["problems"]:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .checks import Setup
 from .config import Host, Inventory, Profile, Secret
-from .delivery.model_steps import STATE_DIR, model_paths
+from .delivery.model_steps import model_paths
 from .knowledge import EngineFacts
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,6 +70,3 @@ class Deployment:
 
     def secrets_file(self, what: str) -> str:
         return f"{SECRETS_DIR}/{self.cluster}/{what}.env"
-
-    def state_dir(self) -> str:
-        return f"{STATE_DIR}/{self.cluster}"

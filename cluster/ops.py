@@ -149,18 +149,13 @@ def probe(inv: Inventory, *, accept_new_host_keys: bool = False, hosts=None) -> 
 
 
 def measured_findings(plan: planner.Plan, probed: dict[str, facts.HostFacts]) -> list[Finding]:
-    """Findings only measured facts can give: the IP vLLM 0.3.0 would pick, disk space."""
-    out = []
+    """Findings only measured facts can give: the engine's own (e.g. the IP it would pick), disk space."""
     d = plan.deployment
+    out = d.engine.measured(d, probed)
     for h in d.hosts:
         f = probed.get(h.name)
         if not f or not f.reachable:
             continue
-        if len(d.hosts) > 1 and not d.facts.honours_host_ip and f.route_src != h.address:
-            out.append(Finding(code="host-ip-ignored", severity=ERROR,
-                               message=f"{h.name}: vLLM {d.facts.version} ignores VLLM_HOST_IP and would use "
-                                       f"{f.route_src or 'no address (no default route)'} instead of {h.address}",
-                               fix=f"on {h.name}, route the default gateway through the NIC holding {h.address}"))
         need = plan.model.weight_bytes if plan.model else 0
         if f.disk_free is not None and need and f.disk_free < need * 1.05:
             out.append(Finding(code="disk-insufficient", severity=ERROR,
@@ -300,11 +295,11 @@ def status(inv: Inventory, prof: Profile, *, accept_new_host_keys: bool = False)
                     out["problems"].append(f"{name}: the {node} container is not running")
         if not out["problems"]:
             ex = Executor(hosts)
-            engine_state, problems = d.engine.status(d, lambda host, argv: ex.run(host, argv, timeout=60))
-            out.update(engine_state)
+            state, summary, problems = d.engine.status(d, lambda host, argv: ex.run(host, argv, timeout=60))
+            out["engine"], out["engine_summary"] = state, summary
             out["problems"] += problems
         else:
-            out["ray"] = {"nodes": [], "gpus": 0}
+            out["engine"], out["engine_summary"] = {}, []
     auth = d.api_key.reveal() if d.api_key is not None else None
     health, _ = http(f"{d.base_url}/health")
     code, text = http(f"{d.endpoint}/models", auth=auth)

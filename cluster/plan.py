@@ -180,7 +180,7 @@ def _secret_findings(inventory: Inventory) -> list[Finding]:
 
 def build(inventory: Inventory, profile: Profile, *, model: ModelFacts | None, tp: int | None = None,
           pp: int | None = None, hosts: list[str] | None = None, sets: dict[str, Any] | None = None,
-          extra_findings: tuple[Finding, ...] = (), verify: bool = False, ray_timeout: float = 180,
+          extra_findings: tuple[Finding, ...] = (), verify: bool = False, join_timeout: float = 180,
           ready_timeout: float = 1800, transfer_token: Secret | None = None) -> Plan:
     """The whole plan, from data only: no I/O."""
     engine = engines.get(profile.engine)
@@ -209,7 +209,7 @@ def build(inventory: Inventory, profile: Profile, *, model: ModelFacts | None, t
     job = ModelJob(inventory=inventory, hosts=setup.hosts, image=profile.image, verify=verify,
                    transfer_token=transfer_token or Secret(literal=secrets.token_hex(24)))
     steps = [*image_steps(d), *head_steps(job), *fanout_steps(job),
-             *engine.steps(d, ray_timeout=ray_timeout, ready_timeout=ready_timeout)]
+             *engine.steps(d, join_timeout=join_timeout, ready_timeout=ready_timeout)]
     return Plan(deployment=d, model=model, findings=tuple(findings), memory=setup.memory(), steps=tuple(steps))
 
 

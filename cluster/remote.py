@@ -7,7 +7,6 @@ import shlex
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
@@ -17,6 +16,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, stop_af
 
 from .config import Host, Inventory
 from .errors import RemoteError
+from .executor import Result
 
 T = TypeVar("T")
 
@@ -25,21 +25,6 @@ TRANSIENT = (socket.timeout, TimeoutError, ConnectionError, paramiko.ssh_excepti
              EOFError)
 connect_policy = retry(retry=retry_if_exception_type(TRANSIENT), stop=stop_after_attempt(3) | stop_after_delay(40),
                        wait=wait_exponential(multiplier=1, max=8), reraise=True)
-
-
-@dataclass(frozen=True)
-class Result:
-    rc: int
-    stdout: str
-    stderr: str
-
-    @property
-    def ok(self) -> bool:
-        return self.rc == 0
-
-    def last_line(self) -> str:
-        lines = (self.stderr.strip() or self.stdout.strip()).splitlines()
-        return lines[-1] if lines else f"exit code {self.rc}"
 
 
 class HostKeyError(Exception):

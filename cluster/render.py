@@ -84,9 +84,18 @@ def dry_run(report) -> str:
 
 
 # ---------------------------------------------------------------- the runbook
-SECRET_HINTS = {"VLLM_API_KEY": "deploy.api_key",
-                TOKEN_KEYS["source"]: "source.token (the hub token)",
-                TOKEN_KEYS["transfer"]: "any random string, e.g. $(openssl rand -hex 24): guards the model copy"}
+def _secret_hints(plan, steps) -> dict[str, str]:
+    """Variable -> where its value comes from, for the runbook's header."""
+    inv = plan.inventory
+    hints = {TOKEN_KEYS["transfer"]: "any random string, e.g. $(openssl rand -hex 24): guards the model copy"}
+    for s in steps:
+        for op in s.all_ops():
+            for key, secret in getattr(op, "secrets", ()):
+                if secret is inv.deploy.api_key:
+                    hints[key] = "deploy.api_key"
+                elif secret is inv.deploy.source.token:
+                    hints[key] = "deploy.source.token (the hub token)"
+    return hints
 
 
 def runbook(plan, steps=None) -> str:
@@ -94,6 +103,7 @@ def runbook(plan, steps=None) -> str:
     steps = list(plan.steps if steps is None else steps)
     d = plan.deployment
     needed = sorted({k for s in steps for op in s.all_ops() if isinstance(op, Put) for k, _ in op.secrets})
+    hints = _secret_hints(plan, steps)
     lines = ["#!/usr/bin/env bash",
              "# " + comment(f"gpucluster runbook for cluster {d.cluster}: {d.profile.image}, "
                             f"{d.inventory.deploy.model}, TP {d.topology.tp} x PP {d.topology.pp}"),
@@ -101,7 +111,7 @@ def runbook(plan, steps=None) -> str:
                                              for f in plan.findings),
              "# Run each section on the host it names (control: this machine), in order; a phase ends before the",
              "# next begins. Each step first runs its read-only check and skips what is already done.",
-             *([f"# Export first: {', '.join(needed)}"] + [f"#   {k}: {SECRET_HINTS.get(k, '')}" for k in needed]
+             *([f"# Export first: {', '.join(needed)}"] + [f"#   {k}: {hints.get(k, '')}" for k in needed]
                if needed else []),
              "set -euo pipefail"]
     current = None
@@ -165,7 +175,7 @@ def _op_sh(op: Op) -> str:
                 f"sleep {op.interval:g}; done; }}")
     if isinstance(op, Http):
         curl = ["curl", "-fsS", "-m", "10"]
-        auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if op.auth is not None else ""
+        auth = f' -H "Authorization: Bearer ${op.auth_env}"' if op.auth is not None else ""
         if op.body is not None:
             curl += ["-H", "Content-Type: application/json", "-d", op.body]
         request = f"{shlex.join(curl)}{auth} {shlex.quote(op.url)}"

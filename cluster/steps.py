@@ -75,6 +75,7 @@ class Http:
     expect: str | None = None        # a string the answer must contain
     until: float | None = None       # seconds to keep trying
     auth: Secret | None = None
+    auth_env: str = "API_KEY"        # the variable the runbook reads the key from (the same as the host's env file)
     abort: tuple[str, Argv] | None = None   # (host, probe): stop waiting when it exits non-zero
     log: tuple[str, Argv] | None = None     # (host, argv) whose output explains a failure
 

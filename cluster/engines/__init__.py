@@ -41,11 +41,14 @@ class Engine(Protocol):
 
     def pipeline_parallel(self, facts: "EngineFacts") -> bool: ...
 
-    def steps(self, d: "Deployment", *, ray_timeout: float, ready_timeout: float) -> list["Step"]:
+    def steps(self, d: "Deployment", *, join_timeout: float, ready_timeout: float) -> list["Step"]:
         """Per-host container and process steps after the image and model phases, readiness last."""
 
-    def status(self, d: "Deployment", run) -> tuple[dict, list[str]]:
-        """(engine state, problems) of the running deployment; `run(host, argv)` runs a read-only probe."""
+    def measured(self, d: "Deployment", probed: dict) -> list["Finding"]:
+        """Findings only the probed host facts can give (host name -> facts.HostFacts)."""
+
+    def status(self, d: "Deployment", run) -> tuple[dict, list[str], list[str]]:
+        """(state, summary lines, problems) of the running deployment; `run(host, argv)` runs a read-only probe."""
 
     def logs(self, d: "Deployment", *, tail: int, follow: bool) -> list[LogSource]: ...
 

@@ -31,6 +31,20 @@ def validate(inventory: Inventory, profile: Profile, sets: dict[str, Any]) -> No
                                   fix=f"use {MANAGED_FLAGS[name]}")
 
 
+def measured_host_ip(d, probed) -> list[Finding]:
+    """vLLM without VLLM_HOST_IP support takes each node's IP from the route to the internet: check it."""
+    out = []
+    for h in d.hosts:
+        f = probed.get(h.name)
+        if not f or not f.reachable or len(d.hosts) == 1 or d.facts.honours_host_ip or f.route_src == h.address:
+            continue
+        out.append(Finding(code="host-ip-ignored", severity=ERROR,
+                           message=f"{h.name}: vLLM {d.facts.version} ignores VLLM_HOST_IP and would use "
+                                   f"{f.route_src or 'no address (no default route)'} instead of {h.address}",
+                           fix=f"on {h.name}, route the default gateway through the NIC holding {h.address}"))
+    return out
+
+
 def api_argv(s: Setup, *, model_path: str, served_name: str, port: int) -> tuple[str, ...]:
     """The OpenAI API server's argv for this version: entrypoint, managed flags, then the user's args."""
     e = s.facts

@@ -87,20 +87,20 @@ class VllmRay:
         return digest({"argv": self.api_argv(d), "key": key})
 
     # ------------------------------------------------------------------ steps
-    def steps(self, d, *, ray_timeout: float = 180, ready_timeout: float = 1800) -> list[Step]:
+    def steps(self, d, *, join_timeout: float = 180, ready_timeout: float = 1800) -> list[Step]:
         head = d.head
         specs = {h.name: self.container(d, h) for h in d.hosts}
         head_name = specs[head.name].name
         head_step = container_step(specs[head.name], host=head.name, phase="ray-head",
                                    reason=f"Ray head on {head.address}:{RAY_PORT} with {head.gpus.count} GPUs")
-        steps = [head_step, self._joined(d, head_name, [head], 0, ray_timeout, "ray-head")]
+        steps = [head_step, self._joined(d, head_name, [head], 0, join_timeout, "ray-head")]
         workers = [h for h in d.hosts if h is not head]
         for h in workers:
             steps.append(container_step(specs[h.name], host=h.name, phase="ray-workers", after=(head_step.id,),
                                         reason=f"Ray worker joining {head.address}:{RAY_PORT} (restarted when the "
                                                "head is new)"))
         if workers:
-            steps.append(self._joined(d, head_name, list(d.hosts), d.setup.tp * d.setup.pp, ray_timeout,
+            steps.append(self._joined(d, head_name, list(d.hosts), d.setup.tp * d.setup.pp, join_timeout,
                                       "ray-workers"))
         steps += [self._api(d, head_name), *self._ready(d, head_name, ready_timeout)]
         return steps
@@ -140,14 +140,19 @@ class VllmRay:
                  ops=(Http(url=f"{d.base_url}/health", until=timeout, abort=alive, log=log),)),
             Step(id="control/models", host="control", phase="ready", readonly=True,
                  reason=f"/v1/models lists {d.served_name!r}",
-                 ops=(Http(url=f"{d.endpoint}/models", expect=json.dumps(d.served_name), auth=d.api_key),)),
+                 ops=(Http(url=f"{d.endpoint}/models", expect=json.dumps(d.served_name), auth=d.api_key,
+                           auth_env="VLLM_API_KEY"),)),
             Step(id="control/completion", host="control", phase="ready", readonly=True,
                  reason="one completion answers", ops=(Http(url=f"{d.endpoint}/completions", body=body,
-                                                           expect='"choices"', auth=d.api_key),)),
+                                                           expect='"choices"', auth=d.api_key,
+                                                           auth_env="VLLM_API_KEY"),)),
         ]
 
     # ------------------------------------------------------------------ status and logs
-    def status(self, d, run) -> tuple[dict, list[str]]:
+    def measured(self, d, probed) -> list:
+        return vllm.measured_host_ip(d, probed)
+
+    def status(self, d, run) -> tuple[dict, list[str], list[str]]:
         head_name = self.container(d, d.head).name
         probe = ("docker", "exec", head_name, "python3", "-c", RAY_JOINED, str(d.setup.tp * d.setup.pp),
                  *(f"{h.name}={h.address}" for h in d.hosts))
@@ -160,7 +165,8 @@ class VllmRay:
         problems = [] if r.ok else [f"ray: {lines[-1] if lines else r.last_line()}"]
         if not run(d.head.name, ("docker", "exec", head_name, "sh", "-c", _ALIVE)).ok:
             problems.append(f"{d.head.name}: the API server process is not running")
-        return {"ray": {"nodes": nodes, "gpus": sum(n.get("gpus", 0) for n in nodes)}}, problems
+        gpus = sum(n.get("gpus", 0) for n in nodes)
+        return {"ray": {"nodes": nodes, "gpus": gpus}}, [f"ray: {len(nodes)} nodes, {gpus:g} GPUs"], problems
 
     def logs(self, d, *, tail: int, follow: bool) -> list[LogSource]:
         out = []

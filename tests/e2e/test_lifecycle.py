@@ -84,7 +84,7 @@ def _cycle(rig, inv: Path, cluster: str, *, key: str | None = None, env: dict | 
     assert st.returncode == 0, st.stdout + st.stderr
     status = json.loads(st.stdout)
     assert status["healthy"] and served in status["api"]["models"]
-    assert len(status["ray"]["nodes"]) == len(first["topology"]["nodes"])
+    assert len(status["engine"]["ray"]["nodes"]) == len(first["topology"]["nodes"])
 
     before = labelled(rig, cluster)
     assert len(before) == len(first["topology"]["nodes"])

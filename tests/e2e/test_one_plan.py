@@ -6,15 +6,12 @@ A shim in front of `docker` on every rig host (first on the PATH its sshd gives)
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import yaml
 
 from test_lifecycle import chat, gc, inventory, labelled
 
