@@ -41,6 +41,9 @@ class Engine(Protocol):
 
     def pipeline_parallel(self, facts: "EngineFacts") -> bool: ...
 
+    def node_env(self, d: "Deployment", host) -> dict[str, str]:
+        """The environment of the engine's processes on one host (NIC, addresses): `check network` uses it."""
+
     def steps(self, d: "Deployment", *, join_timeout: float, ready_timeout: float) -> list["Step"]:
         """Per-host container and process steps after the image and model phases, readiness last."""
 

@@ -31,6 +31,17 @@ def validate(inventory: Inventory, profile: Profile, sets: dict[str, Any]) -> No
                                   fix=f"use {MANAGED_FLAGS[name]}")
 
 
+def node_env(d, host) -> dict[str, str]:
+    """Every vLLM node's env: the profile's and inventory's, its own address, and the NIC for NCCL and GLOO
+    (without GLOO_SOCKET_IFNAME gloo binds the hostname's address, often 127.0.0.1, and peers never connect)."""
+    env = dict(d.setup.env)
+    env["VLLM_HOST_IP"] = host.address
+    if host.interface:
+        env["NCCL_SOCKET_IFNAME"] = host.interface
+        env["GLOO_SOCKET_IFNAME"] = host.interface
+    return env
+
+
 def measured_host_ip(d, probed) -> list[Finding]:
     """vLLM without VLLM_HOST_IP support takes each node's IP from the route to the internet: check it."""
     out = []

@@ -66,17 +66,17 @@ class VllmRay:
         else:
             command = ("start", f"--address={head.address}:{RAY_PORT}", f"--node-ip-address={host.address}")
         command += (f"--num-gpus={host.gpus.count}", "--disable-usage-stats", "--block")
-        env = dict(d.setup.env)
-        env["VLLM_HOST_IP"] = host.address
-        if host.interface:
-            env["NCCL_SOCKET_IFNAME"] = host.interface
-            env["GLOO_SOCKET_IFNAME"] = host.interface
+        env = self.node_env(d, host)
         o = d.profile.docker
         return ContainerSpec(cluster=d.cluster, role="ray-head" if host is head else "ray-worker",
                              node="head" if host is head else "worker", image=d.profile.image, entrypoint="ray",
                              command=command, env=tuple(sorted(env.items())),
                              mounts=((host_path, container_path, "ro"),), network=o.network, ipc=o.ipc,
                              shm_size=o.shm_size, gpus=o.gpus, privileged=o.privileged)
+
+    def node_env(self, d, host) -> dict[str, str]:
+        """The environment of this engine's processes on one host (also what `check network` runs with)."""
+        return vllm.node_env(d, host)
 
     def api_argv(self, d) -> tuple[str, ...]:
         return vllm.api_argv(d.setup, model_path=d.model_path(d.head)[1], served_name=d.served_name, port=d.port)
