@@ -138,19 +138,37 @@ def compute_capability(s: Setup) -> Iterator[Finding]:
                       fix=_profiles_for(s.profile.engine, min(capability(h.gpus.compute_capability) for h in low)))
 
 
-def _profiles_for(engine: str, cc: tuple[int, int]) -> str:
-    """The fix for a capability finding: the shipped profiles whose image runs on these GPUs."""
-    from . import config, knowledge
+def _profiles_for(engine: str, cc: tuple[int, int], arch: str | None = None) -> str:
+    """The fix for a capability/architecture finding: shipped profiles whose image runs on `cc` (and knows
+    `arch`), else the newest official images that do; never a release that cannot run on these GPUs."""
+    from . import config, engines, knowledge
+    from .knowledge import curated
+    key = getattr(engines.get(engine), "knowledge", engine)
+
+    def fits(version: str) -> bool:
+        facts = knowledge.engine(key, version)
+        return facts.runs_on(cc) and (arch is None or not facts.architectures or arch in facts.architectures)
     ok = []
     for name in config.available_profiles():
         try:
             p = config.load_profile(name)
-            if p.engine == engine and capability(knowledge.engine(engine, p.version).min_compute_capability) <= cc:
+            if p.engine == engine and fits(p.version):
                 ok.append(name)
         except Exception:  # noqa: BLE001 - a broken profile is simply not suggested
             continue
-    where = f"compute capability {cc[0]}.{cc[1]}"
-    return f"use a profile whose image runs on {where}: {', '.join(ok)}" if ok else f"no shipped profile runs on {where}"
+    where = f"compute capability {cc[0]}.{cc[1]}" + (f" and knows {arch}" if arch else "")
+    if ok:
+        return f"use a profile whose image runs on {where}: {', '.join(ok)}"
+    images = []
+    for v in reversed(knowledge.known_versions(key)):
+        if curated.runs_on(list(curated.image(v).get("torch_arch", [])), cc) and fits(v):
+            images.append(f"vllm/vllm-openai:v{v}")
+            if len(images) == 3:
+                break
+    if images:
+        return f"no shipped profile runs on {where}; use a profile with `image: {images[0]}` (newest that does; " \
+               f"also {', '.join(images[1:]) or 'none older checked'})"
+    return f"no known release runs on {where}"
 
 
 def driver_recent(s: Setup) -> Iterator[Finding]:

@@ -58,13 +58,36 @@ def plan(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, mod
     take, release = ops.lock_steps(inv, p.deployment.head, "up")
     steps = [*take, *p.steps, *release]
     fmt = "json" if json_ else format_
+    alts = _alternatives(inv, p, set_ or []) if fmt == "json" or p.verdict == "fail" else []
     if fmt == "json":
-        _emit({**p.as_dict(), "steps": [s.as_dict() for s in steps]})
+        _emit({**p.as_dict(), "steps": [s.as_dict() for s in steps], "alternatives": [a.as_dict() for a in alts]})
     elif fmt == "sh":
         sys.stdout.write(render.runbook(p, steps))
     else:
-        sys.stdout.write(render.table(p, steps) + "\n")
+        text = render.table(p, steps)
+        if p.verdict == "fail":   # before the last line, which stays the verdict
+            body, _, last = text.rpartition("\n")
+            text = body + "\n" + _alternatives_text(alts) + "\n" + last
+        sys.stdout.write(text + "\n")
     raise typer.Exit(1 if p.verdict == "fail" else 0)
+
+
+def _alternatives(inv, p, sets: list[str]) -> list:
+    """What would pass instead (searched only when asked for JSON or when the plan fails)."""
+    from . import alternatives, config
+    return alternatives.search(inv, p.model, sets=config.parse_set(sets), engine=p.profile.engine)
+
+
+def _alternatives_text(alts: list) -> str:
+    if not alts:
+        return "\nno known release passes every check for this model on these hosts\n"
+    lines = ["", "alternatives that pass every check (newest engine first, then fewest GPUs):"]
+    for a in alts:
+        d = a.as_dict()
+        use = f"--profile {d['profile']}" if d["profile"] else f"a profile with `image: {d['image']}`"
+        args = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in d["engine_args"].items())
+        lines += [f"  {use} --tp {a.tp} --pp {a.pp} {args}".rstrip(), f"      {d['verdict']}: {d['why']}"]
+    return "\n".join(lines) + "\n"
 
 
 AcceptOpt = typer.Option(False, "--accept-new-host-keys", help="trust and record unknown SSH host keys")

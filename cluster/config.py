@@ -128,7 +128,7 @@ class Source:
 
 @dataclass(frozen=True, kw_only=True)
 class Deploy:
-    profile: str = field(metadata={"pattern": r"^[^\x00-\x1f\x7f]+$"})
+    profile: str | None = field(default=None, metadata={"pattern": r"^[^\x00-\x1f\x7f]+$"})   # None: auto
     model: str = field(metadata={"pattern": r"^[^\x00-\x1f\x7f]+$"})
     served_model_name: str | None = field(default=None, metadata={"pattern": r"^[^\x00-\x1f\x7f]+$"})
     tensor_parallel: int | None = field(default=None, metadata={"range": (1, 512)})
@@ -160,6 +160,9 @@ class Inventory:
         return host.model_dir or self.cluster.model_dir
 
 
+VERSION_PATTERN = r"^\d+\.\d+\.\d+(\.\d+)?(\.post\d+)?$"
+
+
 @dataclass(frozen=True, kw_only=True)
 class DockerOptions:
     shm_size: str | None = field(default=None, metadata={"pattern": r"^\d+(\.\d+)?[bkmgBKMG]?$"})
@@ -171,9 +174,9 @@ class DockerOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class Profile:
-    name: str
+    name: str = ""                             # default: the file stem
     engine: str = "vllm"                       # an engine plugin (cluster/engines)
-    version: str = field(metadata={"pattern": r"^\d+\.\d+\.\d+(\.\d+)?$"})
+    version: str = field(default="", metadata={"pattern": VERSION_PATTERN})   # default: from the image tag
     image: str
     registry_mirrors: list[str] = field(default_factory=list)
     docker: DockerOptions = field(default_factory=DockerOptions)
@@ -471,7 +474,40 @@ def load_profile(ref: str, *, inventory: Inventory | None = None) -> Profile:
     profile = _build(Profile, data, at)
     _check_engine_args(profile.engine_args, at.child("engine_args", data))
     lines = {"engine": data.lines.get("engine"), **_lines(data.get("engine_args"), "engine_args")}
-    return dataclasses.replace(profile, path=str(path), lines=lines)
+    version = profile.version or _version_from_image(profile.image, at.child("image", data))
+    _check_version_known(profile.engine, version, at.child("version" if profile.version else "image", data))
+    return dataclasses.replace(profile, name=profile.name or path.stem, version=version, path=str(path), lines=lines)
+
+
+def image_version(image: str) -> str | None:
+    """The release an image tag names: `vllm/vllm-openai:v0.8.5.post1` -> `0.8.5.post1` (None if none)."""
+    ref = image.split("@", 1)[0]
+    name, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        return None
+    tag = tag[1:] if tag[:1] in "vV" else tag
+    return tag if re.match(VERSION_PATTERN, tag) else None
+
+
+def _version_from_image(image: str, at: _At) -> str:
+    version = image_version(image)
+    if version is None:
+        raise at.error(f"cannot tell the engine version from image {image!r}",
+                       fix="add version: X.Y.Z, or use a release tag such as vllm/vllm-openai:v0.8.5.post1")
+    return version
+
+
+def _check_version_known(engine: str, version: str, at: _At) -> None:
+    from . import engines, knowledge   # engine data only where a profile is read
+    try:
+        engine = getattr(engines.get(engine), "knowledge", engine)
+    except ConfigError:
+        return   # an unknown engine is reported where the plan asks for it
+    known = knowledge.known_versions(engine)
+    if known and version not in known:
+        raise at.error(f"no engine data for {engine} {version} ({len(known)} releases known: {known[0]} .. "
+                       f"{known[-1]})", fix="use one of the nearest: " + ", ".join(
+                           knowledge.nearest_versions(engine, version)))
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

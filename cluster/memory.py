@@ -48,11 +48,13 @@ def runtime_dtype(dtype_arg: str, model_dtype: str) -> str:
     return {"half": "float16", "float": "float32"}.get(dtype_arg, dtype_arg)
 
 
-def batched_tokens(rule: str, max_model_len: int, args: dict) -> int:
+def batched_tokens(rule: str, max_model_len: int, args: dict, gpu_mib: int = 0) -> int:
     if "max-num-batched-tokens" in args:
         return int(args["max-num-batched-tokens"])
     if rule == "max-model-len-or-2048":
         return 512 if args.get("enable-chunked-prefill") is True else max(max_model_len, 2048)
+    if rule == "v1-server":   # vLLM V1 OpenAI server default: 8192 on GPUs with >= 70 GiB, else 2048
+        return 8192 if gpu_mib * MIB >= 70 * GIB else 2048
     return int(rule)
 
 
@@ -61,7 +63,7 @@ def estimate(*, model: ModelFacts, tp: int, pp: int, gpu_mib: int, args: dict, b
     dtype = runtime_dtype(str(args.get("dtype", "auto")), model.dtype)
     nbytes = DTYPE_BYTES.get(dtype, 2)
     max_len = int(args.get("max-model-len", model.max_positions))
-    tokens = batched_tokens(batched_rule, max_len, args)
+    tokens = batched_tokens(batched_rule, max_len, args, gpu_mib)
 
     # Weights: the heaviest pipeline stage (the last one takes the remainder layers), split over TP.
     # bitsandbytes quantizes a 16-bit checkpoint in flight (~4.5 bits a weight); a pre-quantized

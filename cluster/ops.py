@@ -44,7 +44,13 @@ def load(inventory_path: str, *, profile: str | None = None, model: str | None =
             raise ConfigError(f"--hosts: no host named {', '.join(missing)}", file=inv.path,
                               fix="known hosts: " + ", ".join(h.name for h in inv.hosts))
         inv = dataclasses.replace(inv, hosts=[h for h in inv.hosts if h.name in hosts])
-    return inv, config.load_profile(profile or inv.deploy.profile, inventory=inv)
+    ref = profile or inv.deploy.profile
+    if ref in (None, "auto"):   # the first alternative that passes every check (cluster/alternatives.py)
+        from . import alternatives
+        model_facts = models.load(inv.deploy.model, file=inv.path, line=inv.lines.get("deploy.model"))
+        inv, prof, _ = alternatives.auto(inv, model_facts)
+        return inv, prof
+    return inv, config.load_profile(ref, inventory=inv)
 
 
 def make_plan(inv: Inventory, prof: Profile, *, extra_findings: tuple = (), **kw: Any) -> planner.Plan:
@@ -87,19 +93,25 @@ def _secrets_resolve(inv: Inventory) -> None:
 
 
 # ---------------------------------------------------------------- probe
+PROBE_TIMEOUT = 30.0     # seconds one fact may take (a wedged nvidia-smi must not hang `probe` or `up`)
+
+
 def probe_host(hosts, host: Host, model_dir: str) -> facts.HostFacts:
-    """Gather one host's facts; each probe is a command plus a pure parser."""
+    """Gather one host's facts; each probe is a command plus a pure parser, bounded in time."""
     remote = _remote()
+
+    def run(argv):
+        return hosts.run(host, argv, timeout=PROBE_TIMEOUT)
     try:
         t0 = time.time()
-        clock = hosts.run(host, facts.CLOCK)
+        clock = run(facts.CLOCK)
         t1 = time.time()
     except Exception as e:  # noqa: BLE001 - an unreachable host is a result, not a crash
         return facts.HostFacts(host=host.name, reachable=False, error=remote.describe(e))
     problems: list[str] = []
 
     def get(argv, parse, what):
-        r = hosts.run(host, argv)
+        r = run(argv)
         if not r.ok:
             problems.append(f"{what}: {r.last_line()}")
             return None
@@ -110,16 +122,16 @@ def probe_host(hosts, host: Host, model_dir: str) -> facts.HostFacts:
             return None
 
     gpus = None
-    r = hosts.run(host, facts.GPU_QUERY)
+    r = run(facts.GPU_QUERY)
     if r.ok:
         gpus = facts.parse_gpus(r.stdout)
     elif "not a valid field" in (r.stdout + r.stderr):
         gpus = get(facts.GPU_QUERY_OLD, facts.parse_gpus, "nvidia-smi")
     else:
         problems.append(f"nvidia-smi: {r.last_line()}")
-    info = hosts.run(host, facts.DOCKER_INFO)
-    route = hosts.run(host, facts.ROUTE_TO_INTERNET)
-    disk = facts.parse_df(hosts.run(host, facts.df_argv(model_dir)).stdout)  # df exits 1 for missing paths
+    info = run(facts.DOCKER_INFO)
+    route = run(facts.ROUTE_TO_INTERNET)
+    disk = facts.parse_df(run(facts.df_argv(model_dir)).stdout)  # df exits 1 for missing paths
     return facts.HostFacts(
         host=host.name,
         os=get(facts.OS_RELEASE, facts.parse_os_release, "os-release") or "",
@@ -156,6 +168,11 @@ def measured_findings(plan: planner.Plan, probed: dict[str, facts.HostFacts]) ->
         f = probed.get(h.name)
         if not f or not f.reachable:
             continue
+        if h.interface and f.interface and h.interface != f.interface:
+            out.append(Finding(code="interface-mismatch", severity=ERROR,
+                               message=f"{h.name}: interface {h.interface} (NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME) "
+                                       f"does not hold {h.address}, {f.interface} does: the nodes would never connect",
+                               fix=f"set hosts[{h.name}].interface to {f.interface}, or remove it"))
         need = plan.model.weight_bytes if plan.model else 0
         if f.disk_free is not None and need and f.disk_free < need * 1.05:
             out.append(Finding(code="disk-insufficient", severity=ERROR,

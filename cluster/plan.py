@@ -17,6 +17,7 @@ from .deployment import Deployment, Topology
 from .errors import ConfigError
 from .memory import Memory
 from .models import ModelFacts
+from .containers import LABEL
 from .steps import Check, Cmd, Step
 
 
@@ -171,6 +172,17 @@ def image_steps(d: Deployment) -> list[Step]:
                  reason=f"pull {image} through the mirrors in order: {', '.join(refs)}") for h in d.hosts]
 
 
+def stray_steps(d: Deployment) -> list[Step]:
+    """Containers of this cluster the plan does not run (a host left the deployment, the engine changed) go first."""
+    keep = tuple(sorted(c.name for c in d.engine.containers(d)))
+    return [Step(id=f"{h.name}/strays", host=h.name, phase="strays", use_output=True, keep=keep,
+                 check=Check(argv=("docker", "ps", "-a", "--filter", f"label={LABEL}.cluster={d.cluster}",
+                                   "--format", "{{.Names}}")),
+                 reason="remove this cluster's containers that the plan does not run",
+                 ops=(Cmd(argv=("docker", "rm", "-f")),))
+            for h in d.inventory.hosts]
+
+
 def _secret_findings(inventory: Inventory) -> list[Finding]:
     named = {"deploy.api_key": inventory.deploy.api_key, "deploy.source.token": inventory.deploy.source.token}
     return [Finding(code="secret-unset", severity=WARNING, message=f"{field} is read from ${s.env}, which is not set "
@@ -208,7 +220,7 @@ def build(inventory: Inventory, profile: Profile, *, model: ModelFacts | None, t
                    port=inventory.deploy.port or profile.port)
     job = ModelJob(inventory=inventory, hosts=setup.hosts, image=profile.image, verify=verify,
                    transfer_token=transfer_token or Secret(literal=secrets.token_hex(24)))
-    steps = [*image_steps(d), *head_steps(job), *fanout_steps(job),
+    steps = [*stray_steps(d), *image_steps(d), *head_steps(job), *fanout_steps(job),
              *engine.steps(d, join_timeout=join_timeout, ready_timeout=ready_timeout)]
     return Plan(deployment=d, model=model, findings=tuple(findings), memory=setup.memory(), steps=tuple(steps))
 

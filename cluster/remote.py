@@ -12,6 +12,7 @@ from typing import Callable, Iterable, TypeVar
 
 import paramiko
 from fabric import Connection
+from invoke.exceptions import CommandTimedOut
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
 
 from .config import Host, Inventory
@@ -19,6 +20,8 @@ from .errors import RemoteError
 from .executor import Result
 
 T = TypeVar("T")
+DEFAULT_TIMEOUT = 120.0     # seconds a remote command may take unless its caller says otherwise
+TIMED_OUT = 124             # the exit code a timed-out command reports (as timeout(1) does)
 
 # Named retry policies, only at the I/O edge: connecting is retried, authentication is not.
 TRANSIENT = (socket.timeout, TimeoutError, ConnectionError, paramiko.ssh_exception.NoValidConnectionsError,
@@ -117,14 +120,19 @@ class Hosts:
                                    ) from None
             raise
 
-    def run(self, host: Host, argv: Iterable[str], *, timeout: float | None = None) -> Result:
-        """Run argv on host; the exit code decides, output is returned, nothing is echoed."""
+    def run(self, host: Host, argv: Iterable[str], *, timeout: float | None = DEFAULT_TIMEOUT) -> Result:
+        """Run argv on host; the exit code decides, output is returned, nothing is echoed. A command still
+        running after `timeout` seconds (None: no limit) gives exit code 124 and says so."""
         conn = self._connection(host)
         self._open(conn, host)
-        r = conn.run(shlex.join(list(argv)), hide=True, warn=True, in_stream=False, pty=False, timeout=timeout)
+        try:
+            r = conn.run(shlex.join(list(argv)), hide=True, warn=True, in_stream=False, pty=False, timeout=timeout)
+        except CommandTimedOut as e:
+            return Result(TIMED_OUT, e.result.stdout, f"`{' '.join(list(argv)[:2])}` still running after "
+                                                      f"{timeout:.0f} s: stopped waiting")
         return Result(r.exited, r.stdout, r.stderr)
 
-    def check(self, host: Host, argv: Iterable[str], *, timeout: float | None = None) -> Result:
+    def check(self, host: Host, argv: Iterable[str], *, timeout: float | None = DEFAULT_TIMEOUT) -> Result:
         argv = list(argv)
         r = self.run(host, argv, timeout=timeout)
         if not r.ok:
@@ -210,8 +218,12 @@ def stream(hosts: Hosts, host: Host, argv: list[str], sink: Callable[[str], None
             return len(s)
 
     out = _Lines()
-    r = conn.run(shlex.join(argv), hide=True, warn=True, in_stream=False, out_stream=out, err_stream=out,
-                 timeout=timeout)
+    try:
+        r = conn.run(shlex.join(argv), hide=True, warn=True, in_stream=False, out_stream=out, err_stream=out,
+                     timeout=timeout)
+    except CommandTimedOut:
+        sink(f"still running after {timeout:.0f} s: stopped waiting")
+        return TIMED_OUT
     if out.buf:
         sink(out.buf)
     return r.exited

@@ -140,7 +140,9 @@ def _step_sh(s: Step) -> list[str]:
     if s.use_output:
         first = s.ops[0]
         assert isinstance(first, Cmd)
-        return out + [f"names=$({probe})", f'if [ -n "$names" ]; then {shlex.join(first.argv)} $names; fi']
+        keep = "".join(f" -e {shlex.quote(k)}" for k in s.keep)
+        names = f"names=$({probe}{f' | grep -vxF{keep} || true' if keep else ''})"
+        return out + [names, f'if [ -n "$names" ]; then {shlex.join(first.argv)} $names; fi']
     out.append(f"out=$({probe} 2>/dev/null) || out=")
     out.append('case "$out" in')
     out.append(f'  skip*) echo {shlex.quote(s.id + ": already done: ")}"${{out#skip }}" ;;')

@@ -136,6 +136,7 @@ class Step:
     after: tuple[str, ...] = ()   # step ids: when one of them ran, run variant "restart" instead of skipping
     needed_by: tuple[str, ...] = ()   # step ids: skip this step unless one of them will run
     use_output: bool = False      # the check prints names (one a line) that are appended to the first op's argv
+    keep: tuple[str, ...] = ()    # with use_output: names that stay (the ones the plan itself runs)
     readonly: bool = False        # changes nothing in the deployment (waits, HTTP checks, the lock)
 
     def all_ops(self) -> list[Op]:
@@ -157,6 +158,8 @@ class Step:
             out["needed_by"] = list(self.needed_by)
         if self.use_output:
             out["use_output"] = True
+        if self.keep:
+            out["keep"] = list(self.keep)
         if self.readonly:
             out["readonly"] = True
         return out
@@ -175,7 +178,7 @@ class Decision:
 def decide(step: Step, rc: int, stdout: str) -> Decision:
     """The pure parser behind every check: the first word of the probe's first line."""
     if step.use_output:
-        names = tuple(n for n in (ln.strip() for ln in stdout.splitlines()) if NAME.fullmatch(n))
+        names = tuple(n for n in (ln.strip() for ln in stdout.splitlines()) if NAME.fullmatch(n) and n not in step.keep)
         return Decision("run", f"remove {' '.join(names)}", extra=names) if rc == 0 and names else Decision(
             "skip", "nothing to remove")
     line = next((ln.strip() for ln in stdout.splitlines() if ln.strip()), "")

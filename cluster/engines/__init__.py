@@ -28,7 +28,7 @@ class Engine(Protocol):
     """The engine protocol. Everything engine-specific lives behind it; plan, executor and ops stay generic."""
 
     name: str                          # the profile's `engine:` value
-    knowledge: str                     # key of its facts in cluster/knowledge (engines.yaml, <knowledge>/<v>.json)
+    knowledge: str                     # key of its facts in cluster/knowledge (<knowledge>/releases.json + curated.yaml)
     components: tuple[str, ...]        # `logs --component` choices
 
     def facts(self, version: str) -> "EngineFacts": ...
@@ -40,6 +40,9 @@ class Engine(Protocol):
         """Engine-specific rules, run after the common ones."""
 
     def pipeline_parallel(self, facts: "EngineFacts") -> bool: ...
+
+    def containers(self, d: "Deployment") -> list:
+        """The long-running ContainerSpecs of the deployment (anything else of the cluster's is removed by `up`)."""
 
     def node_env(self, d: "Deployment", host) -> dict[str, str]:
         """The environment of the engine's processes on one host (NIC, addresses): `check network` uses it."""
@@ -57,8 +60,8 @@ class Engine(Protocol):
 
 
 def get(name: str) -> Engine:
-    from . import vllm_ray
-    known = {e.name: e for e in (vllm_ray.ENGINE,)}
+    from . import vllm_mp, vllm_ray
+    known = {e.name: e for e in (vllm_ray.ENGINE, vllm_mp.ENGINE)}
     if name not in known:
         raise ConfigError(f"unknown engine {name!r}", field="profile.engine", fix="use one of: " + ", ".join(known))
     return known[name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from ..checks import ERROR, WARNING, Finding, Setup, capability
+from ..checks import ERROR, WARNING, Finding, Setup, _profiles_for, capability
 from ..config import Inventory, Profile, flag_name
 from ..errors import ConfigError
 from ..memory import runtime_dtype
@@ -17,18 +17,21 @@ MANAGED_FLAGS = {
 }
 
 
-def validate(inventory: Inventory, profile: Profile, sets: dict[str, Any]) -> None:
-    """Flags gpucluster manages are refused where they are written: file:line, field and the fix."""
+def validate(inventory: Inventory, profile: Profile, sets: dict[str, Any], extra: dict[str, str] | None = None
+             ) -> None:
+    """Flags gpucluster manages (plus a mode's `extra` ones) are refused where they are written: file:line, field
+    and the fix."""
+    managed = {**MANAGED_FLAGS, **(extra or {})}
     sources = ((profile.engine_args, profile.path, profile.lines, "engine_args"),
                (inventory.deploy.engine_args, inventory.path, inventory.lines, "deploy.engine_args"),
                (sets, "--set", {}, ""))
     for args, file, lines, prefix in sources:
         for key in args:
             name = flag_name(key)
-            if name in MANAGED_FLAGS:
+            if name in managed:
                 field = f"{prefix}.{key}" if prefix else key
                 raise ConfigError("gpucluster sets this flag itself", file=file, line=lines.get(field), field=field,
-                                  fix=f"use {MANAGED_FLAGS[name]}")
+                                  fix=f"use {managed[name]}")
 
 
 def node_env(d, host) -> dict[str, str]:
@@ -56,15 +59,19 @@ def measured_host_ip(d, probed) -> list[Finding]:
     return out
 
 
-def api_argv(s: Setup, *, model_path: str, served_name: str, port: int) -> tuple[str, ...]:
-    """The OpenAI API server's argv for this version: entrypoint, managed flags, then the user's args."""
+def api_argv(s: Setup, *, model_path: str, served_name: str, port: int,
+             executor: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The OpenAI API server's argv for this version: entrypoint, managed flags, then the user's args.
+    `executor`: the distributed executor flags (default: this version's Ray spelling, when TP x PP > 1)."""
     e = s.facts
     argv = [*e.entrypoint, model_path] if e.entrypoint[-1] == "serve" else [*e.entrypoint, "--model", model_path]
     argv += ["--served-model-name", served_name, "--host", "0.0.0.0", "--port", str(port),
              "--tensor-parallel-size", str(s.tp)]
     if s.pp > 1:
         argv += ["--pipeline-parallel-size", str(s.pp)]
-    if s.tp * s.pp > 1 and not {"worker-use-ray", "distributed-executor-backend"} & set(s.args):
+    if executor is not None:
+        argv += list(executor)
+    elif s.tp * s.pp > 1 and not {"worker-use-ray", "distributed-executor-backend"} & set(s.args):
         argv += list(e.executor_args)
     for name, value in s.args.items():
         if value is False or value is None:
@@ -97,6 +104,12 @@ def layers_divisible(s: Setup) -> Iterator[Finding]:
 
 
 def pp_supported(s: Setup) -> Iterator[Finding]:
+    restricted = s.facts.pp_architectures
+    if s.pp > 1 and s.facts.pipeline_parallel and s.model and restricted is not None \
+            and s.model.architecture not in restricted:
+        yield Finding(code="pp-unsupported", severity=ERROR,
+                      message=f"vLLM {s.facts.version}: \"Pipeline parallelism is not supported for this model\" "
+                              f"({s.model.architecture})", fix="set pipeline_parallel: 1, or another model/release")
     if s.pp > 1 and not s.facts.pipeline_parallel:
         yield Finding(code="pp-unsupported", severity=ERROR,
                       message=f"vLLM {s.facts.version} does not implement pipeline parallelism "
@@ -159,7 +172,8 @@ def arch_supported(s: Setup) -> Iterator[Finding]:
         yield Finding(code="arch-unsupported", severity=ERROR,
                       message=f"vLLM {s.facts.version} (transformers {tf}) does not support {s.model.architecture} "
                               f"(model type `{s.model.model_type}` is not recognized)",
-                      fix="use a profile with a newer vLLM that lists this architecture, or another model")
+                      fix=_profiles_for(s.profile.engine, min(capability(h.gpus.compute_capability) for h in s.hosts),
+                                        s.model.architecture))
 
 
 def host_ip_honoured(s: Setup) -> Iterator[Finding]:

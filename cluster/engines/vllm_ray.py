@@ -74,6 +74,9 @@ class VllmRay:
                              mounts=((host_path, container_path, "ro"),), network=o.network, ipc=o.ipc,
                              shm_size=o.shm_size, gpus=o.gpus, privileged=o.privileged)
 
+    def containers(self, d) -> list[ContainerSpec]:
+        return [self.container(d, h) for h in d.hosts]
+
     def node_env(self, d, host) -> dict[str, str]:
         """The environment of this engine's processes on one host (also what `check network` runs with)."""
         return vllm.node_env(d, host)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError
+from . import curated, releases
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,6 +44,12 @@ class EngineFacts:
     env_vars: frozenset[str]
     architectures: frozenset[str]
     requires: dict[str, str]
+    released: str = ""
+    torch_arch: tuple[str, ...] = ()           # torch.cuda.get_arch_list() of the image
+    kernels_min_cc: str = "7.0"                # lowest cc vLLM's own kernels are built for
+    image_confirmed: bool = False              # a run or the image itself showed these facts
+    image_note: str = ""                       # what the sources say about a V100 (sm_70)
+    pp_architectures: frozenset[str] | None = None   # None: PP is not restricted by architecture
 
     @property
     def honours_host_ip(self) -> bool:
@@ -62,47 +68,90 @@ class EngineFacts:
             return self.flags.get(self.aliases[dashed])
         return None
 
+    def runs_on(self, cc: tuple[int, int]) -> bool:
+        """The image's torch has a kernel image for this compute capability and vLLM's kernels reach it."""
+        major, _, minor = self.kernels_min_cc.partition(".")
+        if cc < (int(major), int(minor)):
+            return False
+        return curated.runs_on(list(self.torch_arch), cc) if self.torch_arch else True
+
 
 def known_versions(name: str) -> list[str]:
-    return sorted(_traits().get(name, {}), key=lambda v: tuple(int(p) for p in v.split(".")))
+    """Every release with data, oldest first."""
+    return releases.versions() if name == "vllm" else []
 
 
-@lru_cache(maxsize=1)
-def _traits() -> dict:
-    return yaml.safe_load((HERE / "engines.yaml").read_text())
+def nearest_versions(name: str, version: str, n: int = 4) -> list[str]:
+    """The known versions closest to `version` (for an error's fix)."""
+    known = known_versions(name)
+    try:
+        key = curated.version_key(version)
+    except ValueError:
+        return known[-n:]
+    below = [v for v in known if curated.version_key(v) < key]
+    above = [v for v in known if curated.version_key(v) > key]
+    return below[-(n // 2):] + above[:n - min(len(below), n // 2)]
+
+
+def _unknown(name: str, version: str) -> ConfigError:
+    known = known_versions(name)
+    if not known:
+        return ConfigError(f"no engine data for {name}", field="profile.engine", fix="use engine: vllm")
+    return ConfigError(f"no engine data for {name} {version} (known: {len(known)} releases {known[0]} .. "
+                       f"{known[-1]})", field="profile.version",
+                       fix="use one of the nearest: " + ", ".join(nearest_versions(name, version)))
 
 
 @lru_cache(maxsize=None)
 def engine(name: str, version: str) -> EngineFacts:
-    """The facts for one engine version; a version without data is a config error."""
-    traits = _traits().get(name, {}).get(version)
-    table_path = HERE / name / f"{version}.json"
-    if traits is None or not table_path.exists():
-        raise ConfigError(f"no engine data for {name} {version}", field="profile.version",
-                          fix="use one of: " + ", ".join(known_versions(name)))
-    table = json.loads(table_path.read_text())
-    flags = {name: Flag(value=bool(f.get("value")), choices=tuple(f["choices"]) if f.get("choices") else None,
-                        bare_ok=f.get("nargs") == "?") for name, f in table["flags"].items()}
+    """The facts for one engine version: generated (releases.json) + curated image facts and rules."""
+    if name != "vllm":
+        raise _unknown(name, version)
+    try:
+        table = releases.table(version)
+    except KeyError:
+        raise _unknown(name, version) from None
+    image, rule = curated.image(version), curated.rules(version)
+    if not image:
+        raise _unknown(name, version)
+    flags = {k: Flag(value=bool(f.get("value")), choices=tuple(f["choices"]) if f.get("choices") else None,
+                     bare_ok=f.get("nargs") == "?") for k, f in table["flags"].items()}
+    env_vars = frozenset(table.get("env_vars", []))
+    pp = table["pipeline_parallel"]
+    generation = table["engine_generation"]
+    arch = [str(a) for a in image["torch_arch"]]
+    floor = max(curated.arch_min_cc(arch), str(image["kernels_min_cc"]), key=lambda c: tuple(map(int, c.split("."))))
+    v0 = bool(generation.get("v0"))
     return EngineFacts(
         engine=name,
         version=version,
-        entrypoint=tuple(traits["entrypoint"]),
-        pipeline_parallel=traits["pipeline_parallel"],
-        even_layers_required=traits["even_layers_required"],
-        executor_args=tuple(traits["executor_args"]),
-        min_compute_capability=str(traits["min_compute_capability"]),
-        torch=str(traits["torch"]),
-        cuda=str(traits["cuda"]),
-        min_driver=str(traits["min_driver"]),
-        v1=traits["engine"] == "v1",
-        batched_tokens_default=str(traits["batched_tokens_default"]),
-        chunked_prefill_over=traits.get("chunked_prefill_over"),
+        entrypoint=tuple(table["entrypoint"]),
+        pipeline_parallel=bool(pp.get("supported")),
+        # Uneven stages came with VLLM_PP_LAYER_PARTITION (0.5.4); earlier splits had to divide evenly.
+        even_layers_required="VLLM_PP_LAYER_PARTITION" not in env_vars,
+        executor_args=tuple(table["executor"]["ray_args"]),
+        min_compute_capability=floor,
+        torch=table["requires"].get("torch", "?").lstrip("=<>~! "),
+        cuda=str(image["cuda"]),
+        min_driver=curated.min_driver(str(image["cuda"])),
+        v1=generation.get("default") == "v1",
+        # V0 (and V1 releases that fall back to V0 below cc 8.0): max(max_model_len, 2048);
+        # V1 only: the OpenAI server's default, 2048 (8192 on GPUs with >= 70 GiB).
+        batched_tokens_default="max-model-len-or-2048" if v0 else "v1-server",
+        chunked_prefill_over=rule.get("chunked_prefill_over") if v0 else 0,
         flags=flags,
         aliases=dict(table.get("aliases", {})),
         underscores=bool(table.get("underscores")),
-        env_vars=frozenset(table.get("env_vars", [])),
+        env_vars=env_vars,
         architectures=frozenset(table.get("architectures", [])),
         requires=dict(table.get("requires", {})),
+        released=str(table.get("released") or ""),
+        torch_arch=tuple(arch),
+        kernels_min_cc=str(image["kernels_min_cc"]),
+        image_confirmed=bool(image.get("confirmed")),
+        image_note=str(image.get("runs_on_sm70", "")),
+        pp_architectures=frozenset(pp["architectures"]) if pp.get("model_restricted") and pp.get("architectures")
+        else None,
     )
 
 

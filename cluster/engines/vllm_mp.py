@@ -1,0 +1,113 @@
+"""vLLM across hosts without Ray: one server container per host (`--nnodes/--node-rank/--master-addr`), the
+head (rank 0) serves the API, the others run `--headless`. For releases that have these flags (and for CPU
+builds, which refuse Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from ..checks import ERROR, Finding
+from ..containers import ContainerSpec, container_step
+from ..steps import Http, Put, Step
+from . import LogSource, vllm
+from .vllm_ray import VllmRay
+
+MASTER_PORT = 29501          # torch.distributed's store on the head; pinned so firewalls can allow it
+SECRETS_MOUNT = "/run/gpucluster/api.env"
+# Exports the KEY=value lines of a mounted 0600 file (literally: nothing in a value is expanded), then execs
+# the server: the key is in no argv and in no container config (`docker inspect` shows the path only).
+WITH_SECRETS = 'while IFS= read -r kv; do export "$kv"; done < "$0"; exec "$@"'
+MP_FLAGS = {"nnodes": "(gpucluster: the number of hosts)", "node-rank": "(gpucluster: one per host)",
+            "master-addr": "(gpucluster: the head's address)", "master-port": "(gpucluster: pinned)",
+            "headless": "(gpucluster: every host but the head)",
+            "distributed-executor-backend": "(gpucluster: mp in this engine)"}
+
+
+def mp_supported(s) -> list[Finding]:
+    if len(s.hosts) > 1 and s.facts.flag("nnodes") is None:
+        return [Finding(code="mp-unsupported", severity=ERROR,
+                        message=f"vLLM {s.facts.version} has no multi-node mode without Ray (--nnodes)",
+                        fix="use engine vllm (Ray) with this image, or an image whose vLLM has --nnodes")]
+    return []
+
+
+class VllmMp(VllmRay):
+    name = "vllm-mp"
+    components = ("head", "node")
+
+    def validate(self, inventory, profile, sets=None) -> None:
+        vllm.validate(inventory, profile, sets or {}, extra=MP_FLAGS)
+
+    def checks(self):
+        return (*(c for c in vllm.CHECKS if c is not vllm.host_ip_honoured), mp_supported)
+
+    def measured(self, d, probed) -> list:
+        return []
+
+    def container(self, d, host) -> ContainerSpec:
+        rank = d.hosts.index(host)
+        argv = list(vllm.api_argv(d.setup, model_path=d.model_path(d.head)[1], served_name=d.served_name,
+                                  port=d.port, executor=("--distributed-executor-backend", "mp")))
+        if len(d.hosts) > 1:
+            argv += ["--nnodes", str(len(d.hosts)), "--node-rank", str(rank), "--master-addr", d.head.address,
+                     "--master-port", str(MASTER_PORT), *(["--headless"] if rank else [])]
+        host_path, container_path = d.model_path(host)
+        mounts = [(host_path, container_path, "ro")]
+        entry, command = argv[0], tuple(argv[1:])
+        if d.api_key is not None:
+            mounts.append((d.secrets_file("api"), SECRETS_MOUNT, "ro"))
+            entry, command = "sh", ("-c", WITH_SECRETS, SECRETS_MOUNT, *argv)
+        o = d.profile.docker
+        return ContainerSpec(cluster=d.cluster, role="vllm-head" if rank == 0 else f"vllm-node-{rank}",
+                             node="head" if rank == 0 else "worker", image=d.profile.image, entrypoint=entry,
+                             command=command, env=tuple(sorted(self.node_env(d, host).items())),
+                             mounts=tuple(mounts), network=o.network, ipc=o.ipc, shm_size=o.shm_size,
+                             gpus=o.gpus if getattr(d.profile, "device", "gpu") == "gpu" else None, privileged=o.privileged,
+                             extra_hash=self.api_hash(d))
+
+    def steps(self, d, *, join_timeout: float = 180, ready_timeout: float = 1800) -> list[Step]:
+        specs = [self.container(d, h) for h in d.hosts]
+        ids = [f"{h.name}/{s.role}" for h, s in zip(d.hosts, specs)]
+        steps = []
+        for i, (h, spec) in enumerate(zip(d.hosts, specs)):
+            # the nodes form one process group: when one of them is (re)started, the others must restart too
+            others = tuple(x for x in ids if x != ids[i])
+            what = "API server and rank 0" if i == 0 else f"rank {i} (--headless)"
+            step = container_step(spec, host=h.name, phase="engine", after=others,
+                                  reason=f"vLLM {d.facts.version} {what} of {len(d.hosts)} node(s), "
+                                         f"TP {d.setup.tp} x PP {d.setup.pp}, without Ray")
+            if i == 0 and d.api_key is not None:      # the key file first (mounted read-only, never in argv/env)
+                key = Put(path=d.secrets_file("api"), mode=0o600, secrets=(("VLLM_API_KEY", d.api_key),))
+                step = dataclasses.replace(step, ops=(key, *step.ops), variants={
+                    **step.variants, "replace": (key, *step.variants["replace"])})
+            steps.append(step)
+        head = specs[0].name
+        alive = (d.head.name, ("docker", "exec", head, "true"))
+        log = (d.head.name, ("docker", "logs", "--tail", "20", head))
+        body = json.dumps({"model": d.served_name, "prompt": "Hello", "max_tokens": 8})
+        steps += [
+            Step(id="control/health", host="control", phase="ready", readonly=True,
+                 reason="wait (the model loads on every node) until the head answers /health",
+                 ops=(Http(url=f"{d.base_url}/health", until=ready_timeout, abort=alive, log=log),)),
+            Step(id="control/models", host="control", phase="ready", readonly=True,
+                 reason=f"/v1/models lists {d.served_name!r}",
+                 ops=(Http(url=f"{d.endpoint}/models", expect=json.dumps(d.served_name), auth=d.api_key,
+                           auth_env="VLLM_API_KEY"),)),
+            Step(id="control/completion", host="control", phase="ready", readonly=True,
+                 reason="one completion answers", ops=(Http(url=f"{d.endpoint}/completions", body=body,
+                                                           expect='"choices"', auth=d.api_key,
+                                                           auth_env="VLLM_API_KEY"),)),
+        ]
+        return steps
+
+    def status(self, d, run) -> tuple[dict, list[str], list[str]]:
+        return {}, [f"{len(d.hosts)} node(s) without Ray"], []
+
+    def logs(self, d, *, tail: int, follow: bool) -> list[LogSource]:
+        return [LogSource(host=h.name, component="head" if h is d.head else "node", argv=(
+            "docker", "logs", "--tail", str(tail), *(["-f"] if follow else []), self.container(d, h).name))
+            for h in d.hosts]
+
+
+ENGINE = VllmMp()

@@ -1,0 +1,92 @@
+"""Safe on the only GPU servers a lab has: rotated keys take effect, teardown needs only the inventory, a
+shrunk deployment leaves no stray worker, a wedged nvidia-smi cannot hang a command."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_lifecycle import chat, gc, inventory, labelled
+
+pytestmark = pytest.mark.rig
+
+
+def test_rotated_api_key_restarts_the_server_and_the_old_key_is_refused(rig, tmp_path):
+    inv = inventory(rig, tmp_path, name="e2e-rotate", hosts=1, api_key={"env": "RIG_ROTATE_KEY"})
+    endpoint = f"http://{rig.address('h1')}:8000/v1"
+    try:
+        r = gc("up", str(inv), "--yes", "--json", env={"RIG_ROTATE_KEY": "sk-old-1111"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "gpucluster/tiny-qwen2" in chat(endpoint, "gpucluster/tiny-qwen2", key="sk-old-1111")
+        r = gc("up", str(inv), "--yes", "--json", env={"RIG_ROTATE_KEY": "sk-new-2222"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        api = next(o for o in json.loads(r.stdout)["steps"] if o["id"] == "h1/api")
+        assert api["status"] == "ran" and api["variant"] == "replace", api
+        with pytest.raises(urllib.error.HTTPError) as old:
+            chat(endpoint, "gpucluster/tiny-qwen2", key="sk-old-1111")
+        assert old.value.code == 401
+        assert "gpucluster/tiny-qwen2" in chat(endpoint, "gpucluster/tiny-qwen2", key="sk-new-2222")
+        assert "sk-new-2222" not in r.stdout + r.stderr and "sk-old-1111" not in r.stdout + r.stderr
+    finally:
+        gc("down", str(inv), "--yes")
+
+
+def test_up_refuses_an_unset_secret_before_touching_a_host(rig, tmp_path):
+    inv = inventory(rig, tmp_path, name="e2e-unset", hosts=1, api_key={"env": "RIG_NOT_SET_ANYWHERE"})
+    r = gc("up", str(inv), "--yes")
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "RIG_NOT_SET_ANYWHERE" in line and "deploy.api_key" in line and "Traceback" not in r.stderr
+    assert labelled(rig, "e2e-unset") == {}
+
+
+def test_down_needs_only_the_inventory(rig, tmp_path):
+    inv = inventory(rig, tmp_path, name="e2e-renamed", hosts=1)
+    r = gc("up", str(inv), "--yes", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = yaml.safe_load(inv.read_text())
+    data["deploy"]["profile"] = "a-profile-renamed-since"          # and a model path that no longer exists
+    data["deploy"]["model"] = "/nowhere/model"
+    inv.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert gc("plan", str(inv)).returncode == 2                      # planning is refused ...
+    dn = gc("down", str(inv), "--yes")                               # ... teardown is not
+    assert dn.returncode == 0, dn.stderr[-2000:]
+    assert labelled(rig, "e2e-renamed") == {}
+
+
+def test_shrinking_the_deployment_removes_the_host_that_left(rig, tmp_path):
+    inv = inventory(rig, tmp_path, name="e2e-shrink", hosts=3, tensor_parallel=6, pipeline_parallel=1)
+    try:
+        r = gc("up", str(inv), "--yes", "--quiet")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(labelled(rig, "e2e-shrink")) == 3
+        r = gc("up", str(inv), "--yes", "--json", "--tp", "4")        # two hosts now
+        assert r.returncode == 0, r.stderr[-3000:]
+        strays = next(o for o in json.loads(r.stdout)["steps"] if o["id"] == "h3/strays")
+        assert strays["status"] == "ran" and strays["names"] == ["gpucluster-e2e-shrink-ray-worker"], strays
+        assert sorted(labelled(rig, "e2e-shrink")) == ["h1/gpucluster-e2e-shrink-ray-head",
+                                                       "h2/gpucluster-e2e-shrink-ray-worker"]
+        st = gc("status", str(inv), "--json")
+        ray = json.loads(st.stdout)["engine"]["ray"]
+        assert len(ray["nodes"]) == 2 and ray["gpus"] == 4, ray
+    finally:
+        gc("down", str(inv), "--yes")
+
+
+def test_a_wedged_nvidia_smi_does_not_hang_probe(rig, tmp_path):
+    inv = inventory(rig, tmp_path, name="e2e-wedged", hosts=2)
+    smi = Path(rig.host("h2")["bin_dir"]) / "nvidia-smi"
+    original = smi.read_bytes()
+    smi.write_text("#!/bin/sh\nexec sleep 3600\n")      # a driver in D state: nvidia-smi never returns
+    try:
+        r = gc("probe", str(inv), timeout=200)
+    finally:
+        smi.write_bytes(original)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if "nvidia-smi" in ln)
+    assert "still running after 30 s" in line, r.stdout
