@@ -173,6 +173,8 @@ def _why(prof: Profile, s: Setup, findings, added: dict, cc: str) -> str:
 def search(inv: Inventory, model: ModelFacts | None, *, sets: dict[str, Any] | None = None, engine: str = "vllm",
            tp: int | None = None, pp: int | None = None, limit: int = 8) -> list[Alternative]:
     """Up to `limit` alternatives that pass every check, newest engine first, then fewest GPUs."""
+    if any(h.gpus is None for h in inv.hosts):    # CPU hosts: the alternatives are GPU images
+        return []
     cc = min((h.gpus.compute_capability for h in inv.hosts), key=checks.capability)
     found = []
     for prof, shipped in candidates(engine):

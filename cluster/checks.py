@@ -41,11 +41,19 @@ class Setup:
     engine_checks: tuple = ()        # the engine plugin's own rules
 
     @property
+    def cpu(self) -> bool:
+        return self.profile.device == "cpu"
+
+    def slots(self, host: Host) -> int:
+        """Ranks a host can run: its GPUs, or one on a CPU host."""
+        return 1 if self.cpu else host.gpus.count
+
+    @property
     def gpus(self) -> int:
-        return sum(h.gpus.count for h in self.hosts)
+        return sum(self.slots(h) for h in self.hosts)
 
     def memory(self) -> Memory | None:
-        if self.model is None:
+        if self.model is None or self.cpu:      # the GPU memory model; a CPU host's RAM is checked once probed
             return None
         return estimate(model=self.model, tp=self.tp, pp=self.pp, gpu_mib=min(h.gpus.memory_mib for h in self.hosts),
                         args=self.args, batched_rule=self.facts.batched_tokens_default)
@@ -107,14 +115,16 @@ def enough_gpus(s: Setup) -> Iterator[Finding]:
                       message=f"TP {s.tp} x PP {s.pp} needs {need} GPUs; the hosts used have {s.gpus}",
                       fix="lower tensor_parallel/pipeline_parallel or add hosts")
         return
-    if s.pp > 1 and s.tp > min(h.gpus.count for h in s.hosts):
+    if s.pp > 1 and s.tp > min(s.slots(h) for h in s.hosts) and not s.cpu:
         yield Finding(code="insufficient-gpus", severity=ERROR,
                       message=f"each pipeline stage needs {s.tp} GPUs on one host; the smallest host has "
-                              f"{min(h.gpus.count for h in s.hosts)}",
+                              f"{min(s.slots(h) for h in s.hosts)}",
                       fix="use tensor_parallel <= GPUs per host when pipeline_parallel > 1")
 
 
 def even_gpus(s: Setup) -> Iterator[Finding]:
+    if s.cpu:
+        return
     counts = {h.gpus.count for h in s.hosts}
     kinds = {(h.gpus.name, h.gpus.memory_mib) for h in s.hosts}
     if len(counts) > 1 or len(kinds) > 1:
@@ -127,6 +137,8 @@ def even_gpus(s: Setup) -> Iterator[Finding]:
 
 # ---------------------------------------------------------------- hardware vs image
 def compute_capability(s: Setup) -> Iterator[Finding]:
+    if s.cpu:
+        return
     floor = capability(s.facts.min_compute_capability)
     low = [h for h in s.hosts if capability(h.gpus.compute_capability) < floor]
     if low:
@@ -172,6 +184,8 @@ def _profiles_for(engine: str, cc: tuple[int, int], arch: str | None = None) -> 
 
 
 def driver_recent(s: Setup) -> Iterator[Finding]:
+    if s.cpu:
+        return
     old = [h for h in s.hosts if h.gpus.driver and _ver(h.gpus.driver) < _ver(s.facts.min_driver)]
     if old:
         names = ", ".join(f"{h.name} ({h.gpus.driver})" for h in old)

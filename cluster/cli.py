@@ -278,6 +278,32 @@ def model_pull(inventory: str = InventoryArg, model: Optional[str] = ModelOpt, j
             sys.stdout.write(f"{host}: {what}\n")
 
 
+check_app = typer.Typer(help="Checks run on the hosts that change nothing in the deployment.", no_args_is_help=True)
+app.add_typer(check_app, name="check")
+
+
+@check_app.command("network")
+def check_network(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, hosts: Optional[str] = HostsOpt,
+                  timeout: float = typer.Option(120, "--timeout", min=5, help="seconds after which every rank stops"),
+                  port: int = typer.Option(29555, "--port", min=1024, max=65535, help="rendezvous port on the head"),
+                  dry_run: bool = typer.Option(False, "--dry-run", help="connect, run only the read-only checks, "
+                                               "and print the steps"),
+                  json_: bool = JsonOpt, accept: bool = AcceptOpt,
+                  quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr")) -> None:
+    """torch.distributed on every host at once in the deployment's image (NCCL and GLOO all-reduce), per host."""
+    from . import netcheck, ops, render
+    inv, prof = ops.load(inventory, profile=profile, hosts=_hosts(hosts))
+    result = netcheck.check_network(inv, prof, timeout=timeout, port=port, dry_run=dry_run,
+                                    progress=_progress(quiet or json_ or dry_run), accept_new_host_keys=accept)
+    if json_:
+        _emit(result.as_dict())
+    elif dry_run:
+        sys.stdout.write("\n".join(render.steps_table(result.steps)) + "\n" + render.dry_run(result.report) + "\n")
+    else:
+        sys.stdout.write("\n".join(netcheck.lines(result.results)) + "\n")
+    raise typer.Exit(0 if result.ok or dry_run else 1)
+
+
 def main() -> None:
     """Console entry point: click handles usage errors (exit 2); ours become one line and an exit code."""
     try:

@@ -98,7 +98,7 @@ class GPUs:
 class Host:
     name: str = field(metadata={"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"})
     address: str
-    gpus: GPUs
+    gpus: GPUs | None = None       # required unless the profile is for CPUs (device: cpu)
     role: Literal["head", "worker"] | None = None
     interface: str | None = field(default=None, metadata={"pattern": r"^[A-Za-z0-9_.:@-]{1,15}$"})
     model_dir: str | None = field(default=None, metadata={"pattern": r"^/[^\x00-\x1f\x7f]*$"})
@@ -176,6 +176,7 @@ class DockerOptions:
 class Profile:
     name: str = ""                             # default: the file stem
     engine: str = "vllm"                       # an engine plugin (cluster/engines)
+    device: Literal["gpu", "cpu"] = "gpu"      # cpu: a CPU build of the engine; hosts need no GPUs
     version: str = field(default="", metadata={"pattern": VERSION_PATTERN})   # default: from the image tag
     image: str
     registry_mirrors: list[str] = field(default_factory=list)

@@ -175,6 +175,8 @@ def contradictions(host: Host, f: HostFacts) -> list[str]:
     out = list(f.problems)
     if f.docker_version is None:
         out.append("docker: no server answered (is the daemon running, and may this user use it?)")
+    if host.gpus is None:         # a CPU host: its GPUs (if any) are not part of the deployment
+        return out
     if not f.gpus:
         return out + ["no GPU found by nvidia-smi"]
     g = host.gpus
@@ -204,7 +206,7 @@ def measured(inv: Inventory, facts: dict[str, HostFacts]) -> Inventory:
     hosts = []
     for h in inv.hosts:
         f = facts.get(h.name)
-        if f and f.reachable and f.gpus:
+        if f and f.reachable and f.gpus and h.gpus is not None:
             gpus = GPUs(count=len(f.gpus), name=f.gpus[0].name, memory_mib=min(x.memory_mib for x in f.gpus),
                         compute_capability=min(x.compute_capability for x in f.gpus), driver=f.gpus[0].driver)
             h = dataclasses.replace(h, gpus=gpus, interface=h.interface or f.interface)

@@ -63,8 +63,10 @@ class PlanFailed(GpuclusterError):
 
     def __init__(self, plan: planner.Plan, when: str):
         self.plan = plan
-        codes = ", ".join(sorted({f.code for f in plan.findings if f.severity == ERROR}))
-        super().__init__(f"plan {when} fails ({codes}); nothing was started. Run `gpucluster plan` for details")
+        errors = [f for f in plan.findings if f.severity == ERROR]
+        detail = "; ".join(f"{f.code}: {f.message} (fix: {f.fix})" for f in errors[:3])
+        super().__init__(f"plan {when} fails, nothing was started: {detail}"
+                         + (f"; and {len(errors) - 3} more (gpucluster plan / doctor)" if len(errors) > 3 else ""))
 
 
 def lock_steps(inv: Inventory, head: Host, operation: str) -> tuple[list[Step], list[Step]]:

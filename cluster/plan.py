@@ -98,13 +98,13 @@ def _select_hosts(inventory: Inventory, names: list[str] | None) -> list[Host]:
     return [head] + [h for h in hosts if h is not head]
 
 
-def _hosts_for(hosts: list[Host], gpus: int) -> tuple[Host, ...]:
+def _hosts_for(base: Setup, hosts: list[Host], ranks: int) -> tuple[Host, ...]:
     used, total = [], 0
     for h in hosts:
-        if total >= gpus:
+        if total >= ranks:
             break
         used.append(h)
-        total += h.gpus.count
+        total += base.slots(h)
     return tuple(used)
 
 
@@ -113,8 +113,8 @@ def _setup(base: Setup, hosts: list[Host], tp: int, pp: int) -> Setup:
     """TP x PP on the fewest hosts (head first); with PP > 1 each stage is one host."""
     if pp > 1 and pp <= len(hosts):
         used = tuple(hosts[:pp])
-    elif tp * pp <= sum(h.gpus.count for h in hosts):
-        used = _hosts_for(hosts, tp * pp)
+    elif tp * pp <= sum(base.slots(h) for h in hosts):
+        used = _hosts_for(base, hosts, tp * pp)
     else:
         used = tuple(hosts)
     return dataclasses.replace(base, tp=tp, pp=pp, hosts=used)
@@ -124,12 +124,12 @@ def choose_topology(base: Setup, hosts: list[Host], tp: int | None, pp: int | No
                     ) -> tuple[Setup, str]:
     """Honour a given TP/PP; otherwise the fewest GPUs that pass every check, TP within a node first.
     `base_pp`: the engine can split layers over hosts (pipeline parallelism)."""
-    total = sum(h.gpus.count for h in hosts)
+    total = sum(base.slots(h) for h in hosts)
     if tp and pp:
         return _setup(base, hosts, tp, pp), "as given in the inventory / command line"
     if tp:
         return _setup(base, hosts, tp, 1), "tensor_parallel as given; pipeline_parallel 1"
-    per_node = min(h.gpus.count for h in hosts)
+    per_node = min(base.slots(h) for h in hosts)
     pps = [pp] if pp else (range(1, len(hosts) + 1) if base_pp else [1])
     candidates = []
     for p in pps:
@@ -172,6 +172,15 @@ def image_steps(d: Deployment) -> list[Step]:
                  reason=f"pull {image} through the mirrors in order: {', '.join(refs)}") for h in d.hosts]
 
 
+def _devices_declared(inventory: Inventory, profile: Profile) -> None:
+    """A GPU profile needs every host's GPUs declared (a CPU profile needs none)."""
+    for i, h in enumerate(inventory.hosts):
+        if profile.device == "gpu" and h.gpus is None:
+            raise ConfigError(f"{h.name} declares no GPUs, and profile {profile.name} runs on GPUs",
+                              file=inventory.path, field=f"hosts[{i}].gpus",
+                              fix="add gpus: {count, memory_mib, compute_capability}, or use a CPU profile (device: cpu)")
+
+
 def stray_steps(d: Deployment) -> list[Step]:
     """Containers of this cluster the plan does not run (a host left the deployment, the engine changed) go first."""
     keep = tuple(sorted(c.name for c in d.engine.containers(d)))
@@ -197,6 +206,7 @@ def build(inventory: Inventory, profile: Profile, *, model: ModelFacts | None, t
     """The whole plan, from data only: no I/O."""
     engine = engines.get(profile.engine)
     engine.validate(inventory, profile, sets or {})
+    _devices_declared(inventory, profile)
     facts = engine.facts(profile.version)
     selected = _select_hosts(inventory, hosts)
     env = {**profile.env, **inventory.deploy.env}

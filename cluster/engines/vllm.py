@@ -119,7 +119,7 @@ def pp_supported(s: Setup) -> Iterator[Finding]:
 
 
 def bf16_supported(s: Setup) -> Iterator[Finding]:
-    if not s.model:
+    if not s.model or s.cpu:
         return
     dtype = runtime_dtype(str(s.args.get("dtype", "auto")), s.model.dtype)
     low = [h for h in s.hosts if capability(h.gpus.compute_capability) < (8, 0)]
@@ -172,8 +172,9 @@ def arch_supported(s: Setup) -> Iterator[Finding]:
         yield Finding(code="arch-unsupported", severity=ERROR,
                       message=f"vLLM {s.facts.version} (transformers {tf}) does not support {s.model.architecture} "
                               f"(model type `{s.model.model_type}` is not recognized)",
-                      fix=_profiles_for(s.profile.engine, min(capability(h.gpus.compute_capability) for h in s.hosts),
-                                        s.model.architecture))
+                      fix=_profiles_for(s.profile.engine, min(
+                          (capability(h.gpus.compute_capability) for h in s.hosts if h.gpus), default=(99, 0)),
+                          s.model.architecture))
 
 
 def host_ip_honoured(s: Setup) -> Iterator[Finding]:

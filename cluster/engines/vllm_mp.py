@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 from ..checks import ERROR, Finding
+from ..memory import GIB
 from ..containers import ContainerSpec, container_step
 from ..steps import Http, Put, Step
 from . import LogSource, vllm
@@ -32,6 +33,23 @@ def mp_supported(s) -> list[Finding]:
     return []
 
 
+def cpu_memory(d, probed) -> list[Finding]:
+    """A CPU node holds its weight shard plus VLLM_CPU_KVCACHE_SPACE GiB of KV cache in RAM, and ~1.5 GiB more."""
+    weights = d.setup.model.weight_bytes / (d.setup.tp * d.setup.pp) if d.setup.model else 0
+    kv = float(d.setup.env.get("VLLM_CPU_KVCACHE_SPACE") or 4) * GIB
+    need = weights + kv + 1.5 * GIB
+    out = []
+    for h in d.hosts:
+        f = probed.get(h.name)
+        if f and f.reachable and f.mem_total is not None and f.mem_total < need:
+            out.append(Finding(code="host-memory-insufficient", severity=ERROR,
+                               message=f"{h.name}: {f.mem_total / GIB:.1f} GiB of RAM; a CPU node needs "
+                                       f"{need / GIB:.1f} GiB (weights {weights / GIB:.1f} + KV cache "
+                                       f"{kv / GIB:.1f} + runtime 1.5)",
+                               fix="lower env VLLM_CPU_KVCACHE_SPACE (GiB), use more nodes, or a smaller model"))
+    return out
+
+
 class VllmMp(VllmRay):
     name = "vllm-mp"
     components = ("head", "node")
@@ -43,7 +61,7 @@ class VllmMp(VllmRay):
         return (*(c for c in vllm.CHECKS if c is not vllm.host_ip_honoured), mp_supported)
 
     def measured(self, d, probed) -> list:
-        return []
+        return cpu_memory(d, probed) if d.profile.device == "cpu" else []
 
     def container(self, d, host) -> ContainerSpec:
         rank = d.hosts.index(host)
@@ -63,7 +81,7 @@ class VllmMp(VllmRay):
                              node="head" if rank == 0 else "worker", image=d.profile.image, entrypoint=entry,
                              command=command, env=tuple(sorted(self.node_env(d, host).items())),
                              mounts=tuple(mounts), network=o.network, ipc=o.ipc, shm_size=o.shm_size,
-                             gpus=o.gpus if getattr(d.profile, "device", "gpu") == "gpu" else None, privileged=o.privileged,
+                             gpus=o.gpus if d.profile.device == "gpu" else None, privileged=o.privileged,
                              extra_hash=self.api_hash(d))
 
     def steps(self, d, *, join_timeout: float = 180, ready_timeout: float = 1800) -> list[Step]:

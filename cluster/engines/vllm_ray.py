@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from .. import knowledge
+from ..checks import ERROR, Finding
 from ..containers import ContainerSpec, container_step, digest
 from ..steps import Check, Cmd, Http, Put, Step, Wait
 from . import LogSource, vllm
@@ -40,6 +41,14 @@ print((f"never joined: {', '.join(missing)}" if missing else f"all {len(want)} n
 sys.exit(0 if not missing and gpus >= need else 1)"""
 
 
+def ray_on_gpus(s) -> list[Finding]:
+    if s.cpu:
+        return [Finding(code="ray-unsupported", severity=ERROR,
+                        message="vLLM's CPU build refuses the Ray executor (\"current platform cpu does not support "
+                                "ray\")", fix="use engine: vllm-mp (multi-node without Ray)")]
+    return []
+
+
 class VllmRay:
     name = "vllm"
     knowledge = "vllm"
@@ -52,7 +61,7 @@ class VllmRay:
         vllm.validate(inventory, profile, sets or {})
 
     def checks(self):
-        return vllm.CHECKS
+        return (*vllm.CHECKS, ray_on_gpus)
 
     def pipeline_parallel(self, facts) -> bool:
         return facts.pipeline_parallel
@@ -65,14 +74,15 @@ class VllmRay:
             command = ("start", "--head", f"--node-ip-address={host.address}", f"--port={RAY_PORT}")
         else:
             command = ("start", f"--address={head.address}:{RAY_PORT}", f"--node-ip-address={host.address}")
-        command += (f"--num-gpus={host.gpus.count}", "--disable-usage-stats", "--block")
+        command += (f"--num-gpus={host.gpus.count if host.gpus else 0}", "--disable-usage-stats", "--block")
         env = self.node_env(d, host)
         o = d.profile.docker
         return ContainerSpec(cluster=d.cluster, role="ray-head" if host is head else "ray-worker",
                              node="head" if host is head else "worker", image=d.profile.image, entrypoint="ray",
                              command=command, env=tuple(sorted(env.items())),
                              mounts=((host_path, container_path, "ro"),), network=o.network, ipc=o.ipc,
-                             shm_size=o.shm_size, gpus=o.gpus, privileged=o.privileged)
+                             shm_size=o.shm_size, gpus=o.gpus if d.profile.device == "gpu" else None,
+                             privileged=o.privileged)
 
     def containers(self, d) -> list[ContainerSpec]:
         return [self.container(d, h) for h in d.hosts]
