@@ -103,6 +103,7 @@ class Host:
     interface: str | None = field(default=None, metadata={"pattern": r"^[A-Za-z0-9_.:@-]{1,15}$"})
     model_dir: str | None = field(default=None, metadata={"pattern": r"^/[^\x00-\x1f\x7f]*$"})
     ssh: SSHOverride | None = None
+    env: dict[str, str] = field(default_factory=dict)   # this host's engine processes only (after deploy.env)
 
 
 @dataclass(frozen=True, kw_only=True)

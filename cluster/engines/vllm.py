@@ -37,7 +37,7 @@ def validate(inventory: Inventory, profile: Profile, sets: dict[str, Any], extra
 def node_env(d, host) -> dict[str, str]:
     """Every vLLM node's env: the profile's and inventory's, its own address, and the NIC for NCCL and GLOO
     (without GLOO_SOCKET_IFNAME gloo binds the hostname's address, often 127.0.0.1, and peers never connect)."""
-    env = dict(d.setup.env)
+    env = {**d.setup.env, **host.env}
     env["VLLM_HOST_IP"] = host.address
     if host.interface:
         env["NCCL_SOCKET_IFNAME"] = host.interface

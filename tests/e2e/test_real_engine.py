@@ -37,8 +37,11 @@ def cpu_inventory(rig, tmp_path: Path, name: str, hosts: int, *, eager: bool = T
     data = yaml.safe_load(Path(rig.inventory).read_text())
     data["cluster"]["name"] = name
     data["hosts"] = data["hosts"][:hosts]
-    for h in data["hosts"]:
+    for i, h in enumerate(data["hosts"]):
         h.pop("gpus", None)                  # CPU hosts: nothing GPU about them
+        # rig hosts share this machine's 2 cores; the rig has no DNS, and torch's c10d asks it for every peer
+        # (glibc's resolver would wait 5 s x 2 per lookup): one attempt of 1 s
+        h["env"] = {"VLLM_CPU_OMP_THREADS_BIND": str(i % 2), "RES_OPTIONS": "timeout:1 attempts:1"}
     profile = tmp_path / "vllm-cpu.yaml"
     profile.write_text(PROFILE % (", enforce-eager: true" if eager else ""))
     data["deploy"].update(model=rig.facts["real_model"]["id"], profile=str(profile), **deploy)
@@ -55,7 +58,7 @@ def post(url: str, body: dict) -> dict:
 
 def _serve_cycle(rig, inv: Path, cluster: str, nodes: int) -> None:
     t0 = time.time()
-    r = gc("up", str(inv), "--yes", "--json", "--ready-timeout", "600", timeout=900)
+    r = gc("up", str(inv), "--yes", "--json", "--ready-timeout", "300", timeout=900)
     ready = time.time() - t0
     assert r.returncode == 0, r.stderr[-4000:]
     up = json.loads(r.stdout)
