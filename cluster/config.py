@@ -77,6 +77,7 @@ class SSH:
 
 @dataclass(frozen=True, kw_only=True)
 class SSHOverride:
+    host: str | None = field(default=None, metadata={"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"})   # what ssh dials
     user: str | None = None
     port: int | None = field(default=None, metadata={"range": (1, 65535)})
     identity_file: str | None = None
@@ -154,7 +155,8 @@ class Inventory:
         return next((h for h in self.hosts if h.role == "head"), self.hosts[0])
 
     def ssh_for(self, host: Host) -> SSH:
-        over = {k: v for k, v in dataclasses.asdict(host.ssh).items() if v is not None} if host.ssh else {}
+        over = {k: v for k, v in dataclasses.asdict(host.ssh).items() if v is not None and k != "host"} \
+            if host.ssh else {}
         return dataclasses.replace(self.cluster.ssh, **over)
 
     def model_dir_for(self, host: Host) -> str:
@@ -400,10 +402,11 @@ def load_inventory(path: str | Path) -> Inventory:
         h_at = hosts_at.child(i, data["hosts"])
         try:
             ipaddress.ip_address(host.address)
-        except ValueError:
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", host.address):
-                raise h_at.child("address", data["hosts"][i]).error(
-                    f"{host.address!r} is not an IP address or host name") from None
+        except ValueError:   # Ray, NCCL/GLOO, routes and interfaces all compare IPs: a name would pass the plan
+            raise h_at.child("address", data["hosts"][i]).error(
+                f"{host.address!r} is not an IP address (the other hosts and the engine use it as one)",
+                fix=f"put the IP the other hosts reach {host.name} on here, and a host name or ~/.ssh/config "
+                    f"alias in hosts[{i}].ssh.host") from None
         for value, seen, what in ((host.name, seen_names, "name"), (host.address, seen_addrs, "address")):
             if value in seen:
                 raise h_at.child(what, data["hosts"][i]).error(

@@ -141,18 +141,23 @@ class Rank:
     # -- reporting
     def say(self, **fields: Any) -> None:
         with self.lock:
-            if self.leaving:       # the first reason to leave is the one that counts
-                return
-            sys.stdout.write(MARK + json.dumps({"r": self.rank, **fields}, separators=(",", ":")) + "\n")
-            sys.stdout.flush()
+            if not self.leaving:   # the first reason to leave is the one that counts
+                self._write(fields)
+
+    def _write(self, fields: Dict[str, Any]) -> None:
+        sys.stdout.write(MARK + json.dumps({"r": self.rank, **fields}, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
 
     def leave(self, code: int, **fields: Any) -> None:
         """Report why this rank ends, then end it; rank 0 holds the store, so it waits until the peers read why."""
-        self.say(step=self.step, ok=False, info=self.info, **fields)
         with self.lock:
-            self.leaving = True
-        if self.rank == 0 and self.store is not None:
+            first, self.leaving = not self.leaving, True
+            if first:
+                self._write({"step": self.step, "ok": False, "info": self.info, **fields})
+        if first and self.rank == 0 and self.store is not None:
             time.sleep(3)
+        elif not first:
+            time.sleep(30)         # the thread that left first ends the process
         os._exit(code)
 
     def begin(self, step: str) -> float:

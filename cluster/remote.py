@@ -83,7 +83,7 @@ class Hosts:
             kwargs = {"allow_agent": False, "look_for_keys": ssh.identity_file is None, "banner_timeout": 30}
             if ssh.identity_file:
                 kwargs["key_filename"] = str(Path(ssh.identity_file).expanduser())
-            conn = Connection(host=host.address, user=ssh.user, port=ssh.port,
+            conn = Connection(host=target(self.inventory, host), user=ssh.user, port=ssh.port,
                               connect_timeout=int(max(1, ssh.connect_timeout)), connect_kwargs=kwargs)
             known = Path(ssh.known_hosts).expanduser()
             client = conn.client
@@ -115,9 +115,9 @@ class Hosts:
         except paramiko.SSHException as e:
             if "not found in known_hosts" in str(e):
                 ssh = self.inventory.ssh_for(host)
-                raise HostKeyError(f"host key of {host.address}:{ssh.port} is not in {ssh.known_hosts} (fix: add it "
-                                   "with ssh-keyscan after checking its fingerprint, or pass --accept-new-host-keys)"
-                                   ) from None
+                raise HostKeyError(f"host key of {target(self.inventory, host)}:{ssh.port} is not in "
+                                   f"{ssh.known_hosts} (fix: add it with ssh-keyscan after checking its fingerprint, "
+                                   "or pass --accept-new-host-keys)") from None
             raise
 
     def run(self, host: Host, argv: Iterable[str], *, timeout: float | None = DEFAULT_TIMEOUT) -> Result:
@@ -192,6 +192,11 @@ class Hosts:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def target(inventory: Inventory, host: Host) -> str:
+    """What SSH dials: hosts[].ssh.host (a name or ~/.ssh/config alias) when given, else the address."""
+    return (host.ssh.host if host.ssh and host.ssh.host else None) or host.address
 
 
 def describe(e: BaseException) -> str:

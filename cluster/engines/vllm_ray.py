@@ -28,17 +28,20 @@ API_CHECK = (f'if {_ALIVE}; then if [ "$spec" = "$0" ]; then echo "skip running 
 API_STOP = (f'{_ALIVE} || exit 0; kill "$pid"; i=0; while [ $i -lt 30 ] && [ -d "/proc/$pid" ] && '
             '! grep -q "^State:.*Z" "/proc/$pid/status"; do sleep 1; i=$((i+1)); done; '
             '[ -d "/proc/$pid" ] && kill -9 "$pid"; true')
-# Read-only: exits 0 when Ray lists every expected node ("name=ip" args) and at least argv[1] GPUs.
+# Read-only: exits 0 when Ray lists the expected nodes ("name=ip" args) and at least argv[1] GPUs; with argv[2]
+# "exact", no other node either (a host that left the deployment must be gone, or vLLM may place work on it).
 RAY_JOINED = """import json, sys, ray
-need, want = float(sys.argv[1]), dict(a.split("=", 1) for a in sys.argv[2:])
+need, exact, want = float(sys.argv[1]), sys.argv[2] == "exact", dict(a.split("=", 1) for a in sys.argv[3:])
 ray.init(address="auto", logging_level="ERROR")
 alive = [n for n in ray.nodes() if n["Alive"]]
 ips, gpus = {n["NodeManagerAddress"] for n in alive}, sum(n["Resources"].get("GPU", 0) for n in alive)
 missing = [f"{name} ({ip})" for ip, name in sorted((ip, name) for name, ip in want.items()) if ip not in ips]
+extra = sorted(ips - set(want.values())) if exact else []
 print(json.dumps({"nodes": [{"ip": n["NodeManagerAddress"], "gpus": n["Resources"].get("GPU", 0)} for n in alive]}))
 print((f"never joined: {', '.join(missing)}" if missing else f"all {len(want)} node(s) joined")
+      + (f"; still listed, not in the deployment: {', '.join(extra)}" if extra else "")
       + f"; GPUs seen {gpus:g} of {need:g} needed")
-sys.exit(0 if not missing and gpus >= need else 1)"""
+sys.exit(0 if not missing and not extra and gpus >= need else 1)"""
 
 
 def ray_on_gpus(s) -> list[Finding]:
@@ -105,22 +108,21 @@ class VllmRay:
         specs = {h.name: self.container(d, h) for h in d.hosts}
         head_name = specs[head.name].name
         head_step = container_step(specs[head.name], host=head.name, phase="ray-head",
-                                   reason=f"Ray head on {head.address}:{RAY_PORT} with {head.gpus.count} GPUs")
+                                   reason=f"Ray head on {head.address}:{RAY_PORT}")
         steps = [head_step, self._joined(d, head_name, [head], 0, join_timeout, "ray-head")]
         workers = [h for h in d.hosts if h is not head]
         for h in workers:
             steps.append(container_step(specs[h.name], host=h.name, phase="ray-workers", after=(head_step.id,),
                                         reason=f"Ray worker joining {head.address}:{RAY_PORT} (restarted when the "
                                                "head is new)"))
-        if workers:
-            steps.append(self._joined(d, head_name, list(d.hosts), d.setup.tp * d.setup.pp, join_timeout,
-                                      "ray-workers"))
+        steps.append(self._joined(d, head_name, list(d.hosts), d.setup.tp * d.setup.pp, join_timeout,
+                                  "ray-workers"))       # exactly these nodes (one that left must be gone)
         steps += [self._api(d, head_name), *self._ready(d, head_name, ready_timeout)]
         return steps
 
     def _joined(self, d, head_name: str, hosts, gpus: int, timeout: float, phase: str) -> Step:
         probe = ("docker", "exec", head_name, "python3", "-c", RAY_JOINED, str(gpus),
-                 *(f"{h.name}={h.address}" for h in hosts))
+                 "exact" if phase == "ray-workers" else "present", *(f"{h.name}={h.address}" for h in hosts))
         return Step(id=f"{d.head.name}/{phase}-joined", host=d.head.name, phase=phase, readonly=True,
                     reason=f"wait until Ray lists {', '.join(h.name for h in hosts)}"
                            + (f" and {gpus} GPUs" if gpus else ""),
@@ -167,7 +169,7 @@ class VllmRay:
 
     def status(self, d, run) -> tuple[dict, list[str], list[str]]:
         head_name = self.container(d, d.head).name
-        probe = ("docker", "exec", head_name, "python3", "-c", RAY_JOINED, str(d.setup.tp * d.setup.pp),
+        probe = ("docker", "exec", head_name, "python3", "-c", RAY_JOINED, str(d.setup.tp * d.setup.pp), "exact",
                  *(f"{h.name}={h.address}" for h in d.hosts))
         r = run(d.head.name, probe)
         lines = r.stdout.strip().splitlines()

@@ -90,3 +90,20 @@ def test_a_wedged_nvidia_smi_does_not_hang_probe(rig, tmp_path):
     assert "Traceback" not in r.stderr
     line = next(ln for ln in r.stdout.splitlines() if "nvidia-smi" in ln)
     assert "still running after 30 s" in line, r.stdout
+
+
+def test_an_ssh_config_alias_reaches_the_host_and_the_address_stays_an_ip(rig, tmp_path):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(f"Host rig-first-host\n    HostName {rig.address('h1')}\n")
+    inv = inventory(rig, tmp_path, name="e2e-alias", hosts=1)
+    data = yaml.safe_load(inv.read_text())
+    data["hosts"][0]["ssh"] = {"host": "rig-first-host"}     # no IP anywhere in SSH's view of it
+    inv.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = gc("probe", str(inv), "--json", env={"HOME": str(home)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert json.loads(r.stdout)["hosts"]["h1"]["reachable"]
+    data["hosts"][0]["address"] = "rig-first-host"           # a name as the address is refused at load
+    inv.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = gc("probe", str(inv), env={"HOME": str(home)})
+    assert r.returncode == 2 and "hosts[0].address" in r.stderr and "Traceback" not in r.stderr

@@ -24,6 +24,21 @@ BASE_REV = "1"  # bump to force a rebuild of the base image
 IMAGE_REPO = "vllm/vllm-openai"
 SETUP_REGISTRY = "127.0.0.1:5999"
 
+# The stand-in's flag check runs vLLM's own parser (image/realparser/realparse.py) from each release's wheel:
+# `rig setup` downloads the wheel (pip download, PyPI), keeps vllm/**/*.py + dist-info in CACHE/vllm-src/<v>,
+# and puts them at /opt/gcrig-realparser/src in that version's layer. realparse.py fakes every import except
+# the standard library, vllm and these (pinned; each satisfies every pinned release's requirement), which
+# sit in one layer shared by all versions at /opt/gcrig-realparser/deps.
+REALPARSER_DIR = "/opt/gcrig-realparser"
+REALPARSER_DEPS = ["pydantic==2.14.3", "pydantic-core==2.50.4", "annotated-types==0.8.0",
+                   "typing-inspection==0.4.5", "typing-extensions==4.16.0", "regex==2026.11.15", "packaging==26.3",
+                   "pyyaml==6.0.3"]
+# wheels for the image's Python (Debian 12: CPython 3.11, glibc 2.36), whatever Python runs setup
+PIP_TARGET = ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
+              "--abi", "abi3", "--abi", "none", "--platform", "manylinux1_x86_64", "--platform", "manylinux2010_x86_64",
+              "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform",
+              "manylinux_2_28_x86_64", "--platform", "manylinux_2_34_x86_64", "--platform", "any"]
+
 BUILDER_RUN = "/run/gcrig-builder"
 BUILDER_SOCK = BUILDER_RUN + "/docker.sock"
 
@@ -56,20 +71,12 @@ def knowledge_dir():
 
 
 def versions():
+    """The releases to build: one per cluster/knowledge/vllm/<version>.json file NAME (the tables' contents are
+    never read: the stand-in takes flags and architectures from the release's wheel)."""
     found = sorted((os.path.basename(p)[:-5] for p in glob.glob(os.path.join(knowledge_dir(), "*.json"))
                     if os.path.basename(p)[0].isdigit()), key=vkey)
     vs = set(found) or set(DEFAULT_VERSIONS)
     return sorted(vs, key=vkey)
-
-
-def knowledge(v):
-    """The flag table for a version: the project's own, else the rig's placeholder."""
-    for p in (os.path.join(knowledge_dir(), v + ".json"),
-              os.path.join(HERE, "image", "knowledge-placeholder", v + ".json")):
-        if os.path.exists(p):
-            with open(p) as f:
-                return json.load(f), p
-    raise SystemExit("rig: no flag table for vLLM %s (cluster/knowledge/vllm/%s.json)" % (v, v))
 
 
 # ---------------------------------------------------------------- packages
@@ -251,21 +258,124 @@ def build_base(b, tag):
         shutil.rmtree(root, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- vLLM's own parser: wheel source + deps
+def vllm_source_dir(v):
+    return os.path.join(CACHE, "vllm-src", v)
+
+
+def ensure_vllm_source(v):
+    """vllm/**/*.py and the dist-info of the released wheel of vLLM v (downloaded once; the wheel, 40-420 MB,
+    is deleted once the slim copy is made). Returns (dir, info)."""
+    d = vllm_source_dir(v)
+    stamp = os.path.join(d, "gcrig-wheel.json")
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            return d, json.load(f)
+    import zipfile
+    os.makedirs(os.path.dirname(d), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="gcrig-wheel-", dir=os.path.dirname(d))
+    try:
+        t = time.monotonic()
+        run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+             "--no-cache-dir", "-d", tmp, "vllm==" + v] + PIP_TARGET, quiet=True)
+        took = time.monotonic() - t
+        whl = [n for n in os.listdir(tmp) if n.endswith(".whl")]
+        if len(whl) != 1:
+            raise RuntimeError("pip download vllm==%s: expected one wheel, got %r" % (v, whl))
+        path = os.path.join(tmp, whl[0])
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out = os.path.join(tmp, "src")
+        compiled = []
+        with zipfile.ZipFile(path) as z:
+            for n in z.namelist():
+                top = n.split("/")[0]
+                if top == "vllm" and n.endswith(".py") or top.endswith(".dist-info") and n.split("/")[-1] in (
+                        "METADATA", "entry_points.txt", "WHEEL", "top_level.txt"):
+                    z.extract(n, out)
+                elif top == "vllm" and n.endswith(".so"):  # vllm._C etc.: faked by realparse.py
+                    mod = n[:-3].split(".")[0]
+                    compiled.append(mod.replace("/", "."))
+        with open(os.path.join(out, "gcrig-compiled-modules.txt"), "w") as f:
+            f.write("".join(m + "\n" for m in sorted(compiled)))
+        info = {"wheel": whl[0], "sha256": h.hexdigest(), "wheel_bytes": os.path.getsize(path),
+                "download_seconds": round(took, 1), "console_script": console_script(out)}
+        with open(os.path.join(out, "gcrig-wheel.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        shutil.rmtree(d, ignore_errors=True)
+        os.rename(out, d)
+        log("vllm %s: %s (%.0f MB, %.1fs) -> %s" % (v, whl[0], info["wheel_bytes"] / 1e6, took, d))
+        return d, info
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def console_script(src):
+    """The release's `vllm` console script (module:function) from its entry_points.txt, or None."""
+    for di in glob.glob(os.path.join(src, "vllm-*.dist-info", "entry_points.txt")):
+        section = None
+        for line in open(di):
+            line = line.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[console_scripts]" and line.split("=")[0].strip() == "vllm":
+                return line.split("=", 1)[1].strip()
+    return None
+
+
+def realparser_key():
+    return hashlib.sha256(json.dumps([base_key(), REALPARSER_DEPS]).encode()).hexdigest()[:12]
+
+
+def ensure_realparser_deps():
+    d = os.path.join(CACHE, "realparser-deps-" + realparser_key())
+    if os.path.exists(os.path.join(d, ".complete")):
+        return d
+    tmp = d + ".part"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--target", tmp,
+         "--cache-dir", os.path.join(CACHE, "pip-cache")] + PIP_TARGET + REALPARSER_DEPS, quiet=True)
+    for p in glob.glob(os.path.join(tmp, "**", "__pycache__"), recursive=True) + [os.path.join(tmp, "bin")]:
+        shutil.rmtree(p, ignore_errors=True)
+    open(os.path.join(tmp, ".complete"), "w").close()
+    shutil.rmtree(d, ignore_errors=True)
+    os.rename(tmp, d)
+    return d
+
+
+def build_realparser_base(b, base, tag):
+    """base + /opt/gcrig-realparser/deps: one layer shared by every version's image."""
+    deps = ensure_realparser_deps()
+    name = "gcrig-build-rpdeps"
+    tmp = tempfile.mkdtemp(prefix="gcrig-rpdeps-")
+    try:
+        shutil.copytree(deps, os.path.join(tmp, REALPARSER_DIR.lstrip("/"), "deps"),
+                        ignore=shutil.ignore_patterns(".complete"))
+        b.docker("rm", "-f", name, check=False, quiet=True)
+        b.docker("create", "--name", name, base, "/bin/true", quiet=True)
+        b.docker("cp", tmp + "/.", name + ":/", quiet=True)
+        b.docker("commit", name, tag, quiet=True)
+    finally:
+        b.docker("rm", "-f", name, check=False, quiet=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- stand-in layer per version
 def standin_files():
     out = []
-    for base in ("vllm", "torch"):
+    for base in ("vllm", "torch", "realparser"):
         for p in sorted(glob.glob(os.path.join(HERE, "image", base, "**", "*.py"), recursive=True)):
             out.append(p)
     out.append(os.path.join(HERE, "nvidia_smi.py"))
     return out
 
 
-def tag_stamp(v):
-    h = hashlib.sha256(base_key().encode())
+def tag_stamp(v, src_info):
+    h = hashlib.sha256(realparser_key().encode())
     h.update(json.dumps(version_traits(v), sort_keys=True).encode())
-    kn, _src = knowledge(v)
-    h.update(json.dumps(kn, sort_keys=True).encode())
+    h.update(src_info["sha256"].encode())
     for p in standin_files():
         h.update(p.encode())
         with open(p, "rb") as f:
@@ -273,26 +383,55 @@ def tag_stamp(v):
     return h.hexdigest()[:16]
 
 
-def stage_tree(v, dest):
+def stage_tree(v, dest, src_dir, src_info):
     site = os.path.join(dest, "usr", "local", "lib", "python3.11", "dist-packages")
     for pkg in ("vllm", "torch"):
         shutil.copytree(os.path.join(HERE, "image", pkg), os.path.join(site, pkg),
                         ignore=shutil.ignore_patterns("__pycache__"))
-    kn, src = knowledge(v)
+    rp = os.path.join(dest, REALPARSER_DIR.lstrip("/"))
+    shutil.copytree(src_dir, os.path.join(rp, "src"), ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(HERE, "image", "realparser", "realparse.py"), os.path.join(rp, "realparse.py"))
     tr = version_traits(v)
     with open(os.path.join(site, "vllm", "standin_build.json"), "w") as f:
-        json.dump({"version": v, "knowledge": kn, "knowledge_source": os.path.relpath(src, REPO),
-                   "traits": tr}, f, indent=1)
+        json.dump({"version": v, "traits": tr, "realparse": REALPARSER_DIR + "/realparse.py",
+                   "wheel": src_info["wheel"], "wheel_sha256": src_info["sha256"],
+                   "console_script": src_info["console_script"]}, f, indent=1)
     with open(os.path.join(site, "torch", "standin_build.json"), "w") as f:
         json.dump({"torch": tr["torch"], "cuda": tr["cuda"], "arch": tr["arch"]}, f)
     bindir = os.path.join(dest, "usr", "local", "bin")
     os.makedirs(bindir, exist_ok=True)
-    if kn.get("serve_subcommand"):
+    if src_info["console_script"]:  # the release has a `vllm` command: the stand-in's runs the real CLI parser
         with open(os.path.join(bindir, "vllm"), "w") as f:
             f.write("#!/usr/bin/python3\n# stand-in for vLLM's console script (gpucluster test rig)\n"
                     "import sys\nfrom vllm.scripts import main\nsys.exit(main())\n")
         os.chmod(os.path.join(bindir, "vllm"), 0o755)
     # nvidia-smi inside --gpus containers comes from the rig's runtime hook, not the image
+
+
+def selftest_and_commit(b, v, staged, ref, changes, src_info):
+    """Run realparse.py's self-test in the staged image (network none) and commit that container, so that the
+    image keeps the bytecode of the modules vLLM's parser imports (about half the parse time)."""
+    modes = ["api_server"] + (["cli"] if src_info["console_script"] else [])
+    name = "gcrig-selftest-" + v.replace(".", "-")
+    b.docker("rm", "-f", name, check=False, quiet=True)
+    r = b.docker("run", "--name", name, "--network", "none", "--entrypoint", "python3", staged,
+                 REALPARSER_DIR + "/realparse.py", "selftest", *modes, check=False, capture=True)
+    try:
+        out = (r.stdout or b"").decode(errors="replace")
+        if r.returncode != 0:
+            raise RuntimeError("vLLM %s: the real-parser self-test failed in the image:\n%s\n%s"
+                               % (v, out[-6000:], (r.stderr or b"").decode(errors="replace")[-3000:]))
+        rep = json.loads(out.strip().splitlines()[-1])
+        log("vllm %s real parser: %s" % (v, ", ".join(
+            "%s ok in %.2fs (%d architectures, unknown flag refused)" % (m, x["seconds"], x["architectures"])
+            for m, x in rep.items())))
+        args = []
+        for c in changes:
+            args += ["--change", c]
+        b.docker("commit", *args, name, ref, quiet=True)
+    finally:
+        b.docker("rm", "-f", name, check=False, quiet=True)
+    return rep
 
 
 def ensure_images(force=False):
@@ -303,36 +442,46 @@ def ensure_images(force=False):
         with open(stamps_path) as f:
             stamps = json.load(f)
     vs = versions()
-    want = {v: tag_stamp(v) for v in vs}
+    srcs = {}
+    for v in vs:
+        with stage("vllm %s wheel source" % v):
+            srcs[v] = ensure_vllm_source(v)
+    want = {v: tag_stamp(v, srcs[v][1]) for v in vs}
     todo = [v for v in vs if force or stamps.get("v" + v) != want[v] or not registry_has("v" + v)]
     if not todo:
         log("images: all %d tags current in registry storage (%s)" % (len(vs), ", ".join("v" + v for v in vs)))
         return vs
     base = "gcrig-base:" + base_key()
+    rpbase = "gcrig-base-rp:" + realparser_key()
     with Builder() as b:
         if b.docker("image", "inspect", base, check=False, quiet=True).returncode != 0:
             with stage("build base image %s" % base):
                 build_base(b, base)
+        if b.docker("image", "inspect", rpbase, check=False, quiet=True).returncode != 0:
+            with stage("real-parser deps layer %s" % rpbase):
+                build_realparser_base(b, base, rpbase)
         for v in todo:
             with stage("stand-in layer v%s" % v):
                 tmp = tempfile.mkdtemp(prefix="gcrig-layer-")
                 name = "gcrig-build-" + v.replace(".", "-")
+                staged = "gcrig-staged:" + v
                 try:
-                    stage_tree(v, tmp)
+                    stage_tree(v, tmp, *srcs[v])
                     b.docker("rm", "-f", name, check=False, quiet=True)
-                    b.docker("create", "--name", name, base, "/bin/true", quiet=True)
+                    b.docker("create", "--name", name, rpbase, "/bin/true", quiet=True)
                     b.docker("cp", tmp + "/.", name + ":/", quiet=True)
+                    b.docker("commit", name, staged, quiet=True)
                     tr = version_traits(v)
                     ep = '["vllm","serve"]' if tr["serve_entrypoint"] else \
                         '["python3","-m","vllm.entrypoints.openai.api_server"]'
                     ref = "%s/%s:v%s" % (SETUP_REGISTRY, IMAGE_REPO, v)
-                    b.docker("commit", "--change", "ENV VLLM_STANDIN_VERSION=" + v,
-                             "--change", "ENTRYPOINT " + ep, "--change", "CMD []",
-                             "--change", "WORKDIR /vllm-workspace",
-                             "--change", "LABEL org.gpucluster.rig.stamp=" + want[v], name, ref, quiet=True)
+                    selftest_and_commit(b, v, staged, ref, [
+                        "ENV VLLM_STANDIN_VERSION=" + v, "ENTRYPOINT " + ep, "CMD []", "WORKDIR /vllm-workspace",
+                        "LABEL org.gpucluster.rig.stamp=" + want[v]], srcs[v][1])
                     b.docker("push", ref, quiet=True)
                 finally:
                     b.docker("rm", "-f", name, check=False, quiet=True)
+                    b.docker("rmi", staged, check=False, quiet=True)
                     shutil.rmtree(tmp, ignore_errors=True)
             stamps["v" + v] = want[v]
             with open(stamps_path, "w") as f:

@@ -47,6 +47,8 @@ def _edit(old: str, new: str) -> str:
 
 # (id, inventory text, line the error must name (a substring of that line), field, words in the message, words in fix)
 BAD = [
+    ("host-name-as-address", _edit("    address: 172.18.8.209", "    address: gpu209.lab"), "address: gpu209.lab",
+     "hosts[1].address", "is not an IP address", "hosts[1].ssh.host"),
     ("unknown-key-usr", _edit("user: root", "usr: root"), "usr: root", "cluster.ssh.usr", "unknown key", "'user'"),
     ("unknown-key-tp", _edit("  tensor_parallel: 2", "  tensor_paralel: 2"), "tensor_paralel", "deploy.tensor_paralel",
      "unknown key", "'tensor_parallel'"),

@@ -1,24 +1,27 @@
 # Stand-in for vLLM (which needs GPUs), used only to test gpucluster's orchestration; not an inference engine.
-"""Behaves like the pinned vLLM version where orchestration can tell: accepted flags (from the project's
-knowledge table baked into the image), Ray cluster use and placement groups, config checks with vLLM's
-messages, vLLM-style logs, and an OpenAI-compatible HTTP API with deterministic text."""
+"""Behaves like the pinned vLLM version where orchestration can tell: accepted flags (vLLM's own argument
+parser of that release, run from the release's wheel source by /opt/gcrig-realparser/realparse.py, never
+gpucluster's tables), supported architectures (the release's model registry), Ray cluster use and placement
+groups, config checks with vLLM's messages, vLLM-style logs, and an OpenAI-compatible HTTP API with
+deterministic text."""
 import argparse
 import hashlib
 import json
 import os
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(_HERE, "standin_build.json")) as _f:
     BUILD = json.load(_f)
 VERSION = BUILD["version"]
-KN = BUILD["knowledge"]
+REALPARSE = BUILD["realparse"]
 GPUS_FILE = "/etc/gpucluster-rig/gpus.json"  # written into --gpus containers by the rig's runtime hook
 
 
@@ -43,32 +46,23 @@ def uvicorn(msg):
 
 
 # ------------------------------------------------------------------ argv
-def build_parser(prog, positional_model):
-    p = argparse.ArgumentParser(prog=prog, description="vLLM OpenAI-Compatible RESTful API server.")
-    if positional_model:
-        p.add_argument("model_tag", nargs="?", help="The model tag to serve")
-    aliases = defaultdict(list)
-    for a, f in KN.get("aliases", {}).items():
-        aliases[f].append(a)
-    for flag, spec in sorted(KN["flags"].items()):
-        names = [flag] + aliases.get(flag, [])
-        if KN.get("underscores") and "-" in flag[2:]:
-            names.append("--" + flag[2:].replace("-", "_"))
-        dest = flag.lstrip("-").replace("-", "_")
-        try:
-            if not spec.get("value"):
-                p.add_argument(*names, dest=dest, action="store_true", default=None)
-                continue
-            conv = {"int": int, "float": float}.get(spec.get("type"), str)
-            kw = {"dest": dest, "type": conv, "default": None}
-            if spec.get("choices"):
-                kw["choices"] = [conv(c) if c is not None else None for c in spec["choices"]]
-            if spec.get("nargs"):
-                kw["nargs"] = spec["nargs"]
-            p.add_argument(*names, **kw)
-        except (argparse.ArgumentError, ValueError):
-            pass
-    return p
+def real_parse(mode, argv):
+    """vLLM's own parser of this release (see realparse.py): the parsed arguments, or exit as vLLM exits
+    (status 2 and argparse's message for an unknown flag or a bad choice; 0 after --help)."""
+    fd, out = tempfile.mkstemp(prefix="gcrig-realparse-", suffix=".json")
+    os.close(fd)
+    try:
+        r = subprocess.run([sys.executable, REALPARSE, mode] + list(argv),
+                           env=dict(os.environ, GCRIG_REALPARSE_OUT=out))
+        if r.returncode != 0:
+            sys.exit(r.returncode)
+        with open(out) as f:
+            text = f.read()
+        if not text.strip():  # --help, --version: vLLM printed it and exits 0
+            sys.exit(0)
+        return json.loads(text)
+    finally:
+        os.unlink(out)
 
 
 def opt(args, name, default=None):
@@ -255,12 +249,18 @@ def start_ray_workers(world, model, cfg, tp, pp, dtype, util, max_len, block_siz
 
 
 # ------------------------------------------------------------------ engine start-up
-def main(prog="api_server.py", argv=None, positional_model=False):
+def main(mode="api_server", argv=None):
+    """mode api_server: python3 -m vllm.entrypoints.openai.api_server ARGV; cli: the `vllm` command."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(prog, positional_model)
-    args = parser.parse_args(argv)
-    if "VLLM_PORT" in KN.get("env_vars", []) and "VLLM_PORT" in os.environ:
-        int(os.environ["VLLM_PORT"])  # real vLLM: ValueError: invalid literal for int() with base 10
+    parsed = real_parse(mode, argv)
+    if mode == "cli" and "serve" not in (parsed.get("dispatch") or "").lower():
+        sys.stderr.write("vLLM stand-in (gpucluster test rig): only `vllm serve` is implemented, not %s\n"
+                         % parsed.get("dispatch"))
+        return 2
+    args = argparse.Namespace(**parsed["args"])
+    archs = parsed.get("architectures")
+    if archs is None:
+        raise RuntimeError("stand-in: the release's model registry did not load: %s" % parsed.get("architectures_error"))
     if V >= (0, 6):
         log("INFO", "api_server.py", 528, "vLLM API server version %s" % VERSION)
     log("INFO", "api_server.py", 529, "args: %s" % args)
@@ -281,13 +281,13 @@ def main(prog="api_server.py", argv=None, positional_model=False):
 
     cfg = load_model_config(model)
     arch = (cfg.get("architectures") or ["?"])[0]
-    if KN.get("architectures") and arch not in KN["architectures"]:
+    if arch not in archs:
         if V < (0, 4) and cfg.get("model_type") not in ("qwen2", "llama", "mistral", "mixtral", "qwen", "gpt2"):
             raise ValueError("The checkpoint you are trying to load has model type `%s` but Transformers does not "
                              "recognize this architecture. This could be because of an issue with the checkpoint, "
                              "or because your version of Transformers is out of date." % cfg.get("model_type"))
         raise ValueError("Model architectures %r are not supported for now. Supported architectures: %r"
-                         % (cfg.get("architectures"), KN["architectures"]))
+                         % (cfg.get("architectures"), archs))
     if dtype == "auto":
         dtype = {"bfloat16": "bfloat16", "float32": "float16"}.get(cfg.get("torch_dtype"), "float16")
     dtype = {"half": "float16", "float": "float32"}.get(dtype, dtype)

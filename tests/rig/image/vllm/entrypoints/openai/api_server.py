@@ -5,4 +5,4 @@ import sys
 from vllm.standin import main
 
 if __name__ == "__main__":
-    sys.exit(main(prog="api_server.py"))
+    sys.exit(main(mode="api_server"))
