@@ -183,8 +183,9 @@ def _devices_declared(inventory: Inventory, profile: Profile) -> None:
 
 def stray_steps(d: Deployment) -> list[Step]:
     """Containers of this cluster the plan does not run (a host left the deployment, the engine changed) go first."""
-    keep = tuple(sorted(c.name for c in d.engine.containers(d)))
-    return [Step(id=f"{h.name}/strays", host=h.name, phase="strays", use_output=True, keep=keep,
+    planned = d.engine.containers(d)
+    return [Step(id=f"{h.name}/strays", host=h.name, phase="strays", use_output=True,
+                 keep=tuple(sorted(c.name for c in planned.get(h.name, []))),
                  check=Check(argv=("docker", "ps", "-a", "--filter", f"label={LABEL}.cluster={d.cluster}",
                                    "--format", "{{.Names}}")),
                  reason="remove this cluster's containers that the plan does not run",

@@ -41,8 +41,8 @@ class Engine(Protocol):
 
     def pipeline_parallel(self, facts: "EngineFacts") -> bool: ...
 
-    def containers(self, d: "Deployment") -> list:
-        """The long-running ContainerSpecs of the deployment (anything else of the cluster's is removed by `up`)."""
+    def containers(self, d: "Deployment") -> dict[str, list]:
+        """Host name -> the long-running ContainerSpecs it runs (anything else of the cluster's is removed by `up`)."""
 
     def node_env(self, d: "Deployment", host) -> dict[str, str]:
         """The environment of the engine's processes on one host (NIC, addresses): `check network` uses it."""

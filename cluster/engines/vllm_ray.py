@@ -87,8 +87,8 @@ class VllmRay:
                              shm_size=o.shm_size, gpus=o.gpus if d.profile.device == "gpu" else None,
                              privileged=o.privileged)
 
-    def containers(self, d) -> list[ContainerSpec]:
-        return [self.container(d, h) for h in d.hosts]
+    def containers(self, d) -> dict[str, list[ContainerSpec]]:
+        return {h.name: [self.container(d, h)] for h in d.hosts}
 
     def node_env(self, d, host) -> dict[str, str]:
         """The environment of this engine's processes on one host (also what `check network` runs with)."""

@@ -64,7 +64,10 @@ def test_shrinking_the_deployment_removes_the_host_that_left(rig, tmp_path):
         r = gc("up", str(inv), "--yes", "--quiet")
         assert r.returncode == 0, r.stderr[-3000:]
         assert len(labelled(rig, "e2e-shrink")) == 3
-        r = gc("up", str(inv), "--yes", "--json", "--tp", "4")        # two hosts now
+        data = yaml.safe_load(inv.read_text())
+        data["deploy"]["tensor_parallel"] = 4                          # two hosts now
+        inv.write_text(yaml.safe_dump(data, sort_keys=False))
+        r = gc("up", str(inv), "--yes", "--json")
         assert r.returncode == 0, r.stderr[-3000:]
         strays = next(o for o in json.loads(r.stdout)["steps"] if o["id"] == "h3/strays")
         assert strays["status"] == "ran" and strays["names"] == ["gpucluster-e2e-shrink-ray-worker"], strays

@@ -193,3 +193,15 @@ def test_container_check_decides_like_docker_would(tmp_path):
     missing = decide(step, 1, "")
     assert missing.action == "run" and missing.variant is None
     assert step.variants["replace"][0].argv == ("docker", "rm", "-f", spec.name)
+
+
+def test_strays_keep_only_what_the_plan_runs_on_that_host(tmp_path):
+    """A host that left the deployment keeps nothing, though its old container has the same name as a kept one."""
+    p = _plan(tmp_path, tensor_parallel=4, pipeline_parallel=1)
+    q = _plan(tmp_path, tensor_parallel=2, pipeline_parallel=1)       # h1 leaves
+    keep = [{s.host: s.keep for s in plan.steps if s.phase == "strays"} for plan in (p, q)]
+    assert keep[0] == {"h0": ("gpucluster-lab-ray-head",), "h1": ("gpucluster-lab-ray-worker",)}
+    assert keep[1] == {"h0": ("gpucluster-lab-ray-head",), "h1": ()}
+    strays = next(s for s in q.steps if s.id == "h1/strays")
+    assert decide(strays, 0, "gpucluster-lab-ray-worker\n").extra == ("gpucluster-lab-ray-worker",)
+    assert decide(next(s for s in p.steps if s.id == "h1/strays"), 0, "gpucluster-lab-ray-worker\n").action == "skip"
