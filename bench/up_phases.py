@@ -2,8 +2,8 @@
 """Benchmark: time of each `gpucluster up` phase on the rig for 1 and 3 hosts, a second up, and down.
 
 Usage: GPUCLUSTER_RIG_DIR=/tmp/rig python3 bench/up_phases.py
-Cold start: the engine image and the model are removed from the hosts first, so `up` pulls the
-image through the rig's registry mirror and fetches the model from the rig's HF mirror.
+Cold start: every image and the model are removed from the hosts first, so `up` pulls the image
+(all its layers) through the rig's registry mirror and fetches the model from the rig's HF mirror.
 Prints figures; asserts nothing about speed.
 """
 
@@ -43,9 +43,12 @@ def main() -> None:
         path = rig_dir / f"{inv['cluster']['name']}.yaml"
         path.write_text(yaml.safe_dump(inv, sort_keys=False))
         image = f"vllm/vllm-openai:v{profile.split('-v')[1]}"
-        for h in facts["hosts"][:n]:   # cold: no image, no model on the hosts
-            for ref in (image, f"{facts['registry']['address']}/{image}"):
-                subprocess.run(["docker", "-H", h["docker_host"], "rmi", "-f", ref], capture_output=True)
+        for h in facts["hosts"][:n]:   # cold: no image (no shared layer either), no model on the hosts
+            docker = ["docker", "-H", h["docker_host"]]
+            tags = subprocess.run([*docker, "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True,
+                                  text=True).stdout.split()
+            if tags:
+                subprocess.run([*docker, "rmi", "-f", *tags], capture_output=True)
             shutil.rmtree(Path(h["model_dir"]) / "gpucluster--tiny-qwen2", ignore_errors=True)
         t = time.time()
         first = gc("up", str(path), "--yes", "--json")
@@ -58,7 +61,7 @@ def main() -> None:
         t_down = time.time() - t
         rows.append((f"{n} host(s), {profile}, TP {tp} x PP {pp}", first["phases"], t_up, second["changed"],
                      t_again, t_down))
-    phases = list(rows[0][1])
+    phases = list(dict.fromkeys(p for row in rows for p in row[1]))
     print("| deployment | " + " | ".join(phases) + " | up total | 2nd up (changed?) | down |")
     print("|---" * (len(phases) + 4) + "|")
     for name, ph, t_up, changed, t_again, t_down in rows:
