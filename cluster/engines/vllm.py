@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterator
 
 from ..checks import ERROR, WARNING, Finding, Setup, _profiles_for, capability
 from ..config import Inventory, Profile, flag_name
 from ..errors import ConfigError
 from ..memory import runtime_dtype
+from ..steps import Http, Step
 
 # Flags gpucluster sets itself from other fields; users set them there instead.
 MANAGED_FLAGS = {
@@ -43,6 +45,23 @@ def node_env(d, host) -> dict[str, str]:
         env["NCCL_SOCKET_IFNAME"] = host.interface
         env["GLOO_SOCKET_IFNAME"] = host.interface
     return env
+
+
+def ready_steps(d, *, timeout: float, alive: tuple, log: tuple) -> list[Step]:
+    """From this machine: /health (while `alive`, a (host, probe), holds; `log` explains a failure), then
+    /v1/models lists the served name, then one completion answers."""
+    body = json.dumps({"model": d.served_name, "prompt": "Hello", "max_tokens": 8})
+    auth = {"auth": d.api_key, "auth_env": "VLLM_API_KEY"}
+    return [
+        Step(id="control/health", host="control", phase="ready", readonly=True,
+             reason="wait (minutes: the model loads) until the API answers /health",
+             ops=(Http(url=f"{d.base_url}/health", until=timeout, abort=alive, log=log),)),
+        Step(id="control/models", host="control", phase="ready", readonly=True,
+             reason=f"/v1/models lists {d.served_name!r}",
+             ops=(Http(url=f"{d.endpoint}/models", expect=json.dumps(d.served_name), **auth),)),
+        Step(id="control/completion", host="control", phase="ready", readonly=True, reason="one completion answers",
+             ops=(Http(url=f"{d.endpoint}/completions", body=body, expect='"choices"', **auth),)),
+    ]
 
 
 def measured_host_ip(d, probed) -> list[Finding]:

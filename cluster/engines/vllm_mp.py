@@ -5,12 +5,11 @@ builds, which refuse Ray)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from ..checks import ERROR, Finding
 from ..memory import GIB
 from ..containers import ContainerSpec, container_step
-from ..steps import Http, Put, Step
+from ..steps import Put, Step
 from . import LogSource, vllm
 from .vllm_ray import VllmRay
 
@@ -101,23 +100,8 @@ class VllmMp(VllmRay):
                     **step.variants, "replace": (key, *step.variants["replace"])})
             steps.append(step)
         head = specs[0].name
-        alive = (d.head.name, ("docker", "exec", head, "true"))
-        log = (d.head.name, ("docker", "logs", "--tail", "20", head))
-        body = json.dumps({"model": d.served_name, "prompt": "Hello", "max_tokens": 8})
-        steps += [
-            Step(id="control/health", host="control", phase="ready", readonly=True,
-                 reason="wait (the model loads on every node) until the head answers /health",
-                 ops=(Http(url=f"{d.base_url}/health", until=ready_timeout, abort=alive, log=log),)),
-            Step(id="control/models", host="control", phase="ready", readonly=True,
-                 reason=f"/v1/models lists {d.served_name!r}",
-                 ops=(Http(url=f"{d.endpoint}/models", expect=json.dumps(d.served_name), auth=d.api_key,
-                           auth_env="VLLM_API_KEY"),)),
-            Step(id="control/completion", host="control", phase="ready", readonly=True,
-                 reason="one completion answers", ops=(Http(url=f"{d.endpoint}/completions", body=body,
-                                                           expect='"choices"', auth=d.api_key,
-                                                           auth_env="VLLM_API_KEY"),)),
-        ]
-        return steps
+        return steps + vllm.ready_steps(d, timeout=ready_timeout, alive=(d.head.name, ("docker", "exec", head, "true")),
+                                        log=(d.head.name, ("docker", "logs", "--tail", "20", head)))
 
     def status(self, d, run) -> tuple[dict, list[str], list[str]]:
         return {}, [f"{len(d.hosts)} node(s) without Ray"], []

@@ -9,7 +9,7 @@ import json
 from .. import knowledge
 from ..checks import ERROR, Finding
 from ..containers import ContainerSpec, container_step, digest
-from ..steps import Check, Cmd, Http, Put, Step, Wait
+from ..steps import Check, Cmd, Put, Step, Wait
 from . import LogSource, vllm
 
 RAY_PORT = 6379
@@ -146,22 +146,9 @@ class VllmRay:
                     ops=start)
 
     def _ready(self, d, head_name: str, timeout: float) -> list[Step]:
-        alive = (d.head.name, ("docker", "exec", head_name, "sh", "-c", _ALIVE))
-        log = (d.head.name, ("docker", "exec", head_name, "tail", "-n", "20", API_LOG))
-        body = json.dumps({"model": d.served_name, "prompt": "Hello", "max_tokens": 8})
-        return [
-            Step(id="control/health", host="control", phase="ready", readonly=True,
-                 reason="wait (minutes: the model loads) until the API answers /health",
-                 ops=(Http(url=f"{d.base_url}/health", until=timeout, abort=alive, log=log),)),
-            Step(id="control/models", host="control", phase="ready", readonly=True,
-                 reason=f"/v1/models lists {d.served_name!r}",
-                 ops=(Http(url=f"{d.endpoint}/models", expect=json.dumps(d.served_name), auth=d.api_key,
-                           auth_env="VLLM_API_KEY"),)),
-            Step(id="control/completion", host="control", phase="ready", readonly=True,
-                 reason="one completion answers", ops=(Http(url=f"{d.endpoint}/completions", body=body,
-                                                           expect='"choices"', auth=d.api_key,
-                                                           auth_env="VLLM_API_KEY"),)),
-        ]
+        return vllm.ready_steps(d, timeout=timeout,
+                                alive=(d.head.name, ("docker", "exec", head_name, "sh", "-c", _ALIVE)),
+                                log=(d.head.name, ("docker", "exec", head_name, "tail", "-n", "20", API_LOG)))
 
     # ------------------------------------------------------------------ status and logs
     def measured(self, d, probed) -> list:

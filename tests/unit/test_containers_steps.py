@@ -205,3 +205,39 @@ def test_strays_keep_only_what_the_plan_runs_on_that_host(tmp_path):
     strays = next(s for s in q.steps if s.id == "h1/strays")
     assert decide(strays, 0, "gpucluster-lab-ray-worker\n").extra == ("gpucluster-lab-ray-worker",)
     assert decide(next(s for s in p.steps if s.id == "h1/strays"), 0, "gpucluster-lab-ray-worker\n").action == "skip"
+
+
+def _cpu_plan(tmp_path: Path, **deploy):
+    (tmp_path / "cpu.yaml").write_text("engine: vllm-mp\ndevice: cpu\nimage: vllm/vllm-openai-cpu:v0.32.0\n"
+                                       "docker: {shm_size: 1g}\n")
+    inv = {"cluster": {"name": "lab"},
+           "hosts": [{"name": f"h{i}", "address": f"10.0.0.{i + 1}", "interface": "eth0"} for i in range(2)],
+           "deploy": {"profile": str(tmp_path / "cpu.yaml"), "model": "Qwen/Qwen2.5-0.5B-Instruct",
+                      "tensor_parallel": 2, **deploy}}
+    path = tmp_path / "cpu-inv.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    return ops.make_plan(*ops.load(str(path)))
+
+
+def test_multi_node_without_ray_on_cpu_hosts(tmp_path):
+    p = _cpu_plan(tmp_path, api_key="sk-cpu-secret")
+    assert p.verdict != "fail", [f.as_dict() for f in p.findings]
+    nodes = [s for s in p.steps if s.phase == "engine"]
+    head, node = (_argvs(s)[0] for s in nodes)
+    for argv, rank in ((head, "0"), (node, "1")):
+        assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node-rank") + 1] == rank
+        assert argv[argv.index("--master-addr") + 1] == "10.0.0.1"
+        assert "--gpus" not in argv and "GLOO_SOCKET_IFNAME=eth0" in argv
+        assert argv[argv.index("--distributed-executor-backend") + 1] == "mp" and "ray" not in argv
+    assert "--headless" in node and "--headless" not in head
+    assert "/etc/gpucluster/lab/api.env:/run/gpucluster/api.env:ro" in head      # the key: a mounted 0600 file
+    assert "sk-cpu-secret" not in str([s.as_dict() for s in p.steps])
+    assert nodes[0].after == ("h1/vllm-node-1",) and nodes[1].after == ("h0/vllm-head",)
+    assert not any(f.code in ("compute-capability", "driver-too-old", "bf16-unsupported") for f in p.findings)
+
+
+def test_ray_on_a_cpu_build_is_refused_with_the_engine_that_works(tmp_path):
+    (tmp_path / "ray.yaml").write_text("engine: vllm\ndevice: cpu\nimage: vllm/vllm-openai-cpu:v0.32.0\n")
+    p = _cpu_plan(tmp_path, profile=str(tmp_path / "ray.yaml"))
+    f = next(f for f in p.findings if f.code == "ray-unsupported")
+    assert p.verdict == "fail" and "vllm-mp" in f.fix
