@@ -292,7 +292,8 @@ class Executor:
         deadline = time.time() + (op.until or 0)
         start = said = time.time()
         while True:
-            code, text = http(op.url, body=op.body, auth=op.auth.reveal() if op.auth is not None else None)
+            code, text = http(op.url, body=op.body, auth=op.auth.reveal() if op.auth is not None else None,
+                              timeout=op.timeout)
             if code == 200 and (not op.expect or op.expect in text):
                 return f"HTTP 200 from {op.url}"
             if not op.until:

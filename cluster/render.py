@@ -176,7 +176,7 @@ def _op_sh(op: Op) -> str:
                 f"[ $SECONDS -lt $end ] || {{ echo 'timed out: {_sh_text(op.argv[0])}' >&2; exit 1; }}; "
                 f"sleep {op.interval:g}; done; }}")
     if isinstance(op, Http):
-        curl = ["curl", "-fsS", "-m", "10"]
+        curl = ["curl", "-fsS", "-m", f"{op.timeout:g}"]
         auth = f' -H "Authorization: Bearer ${op.auth_env}"' if op.auth is not None else ""
         if op.body is not None:
             curl += ["-H", "Content-Type: application/json", "-d", op.body]

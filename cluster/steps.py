@@ -74,6 +74,7 @@ class Http:
     body: str | None = None          # JSON text; POST when given
     expect: str | None = None        # a string the answer must contain
     until: float | None = None       # seconds to keep trying
+    timeout: float = 10              # seconds one request may take (a first completion warms the engine up)
     auth: Secret | None = None
     auth_env: str = "API_KEY"        # the variable the runbook reads the key from (the same as the host's env file)
     abort: tuple[str, Argv] | None = None   # (host, probe): stop waiting when it exits non-zero

@@ -196,7 +196,10 @@ def fanout_steps(job: ModelJob) -> list[Step]:
                     "in a 0600 file; stopped below, or by itself when idle for 300 s)",
              ops=start),
         *copies,
+        # `after`: a dry run, made before the server exists, must still list its removal when the server will run
         Step(id=f"{head.name}/model-serve-stop", host=head.name, phase="model-done", use_output=True,
              check=Check(argv=("docker", "ps", "-a", "--filter", f"name=^{serve}$", "--format", "{{.Names}}")),
+             after=(f"{head.name}/model-serve",),
+             variants={"restart": (Cmd(argv=("docker", "rm", "-f", serve)), *_forget(job, head, "serve"))},
              reason="stop the model server", ops=(Cmd(argv=("docker", "rm", "-f")), *_forget(job, head, "serve"))),
     ]

@@ -60,7 +60,7 @@ def ready_steps(d, *, timeout: float, alive: tuple, log: tuple) -> list[Step]:
              reason=f"/v1/models lists {d.served_name!r}",
              ops=(Http(url=f"{d.endpoint}/models", expect=json.dumps(d.served_name), **auth),)),
         Step(id="control/completion", host="control", phase="ready", readonly=True, reason="one completion answers",
-             ops=(Http(url=f"{d.endpoint}/completions", body=body, expect='"choices"', **auth),)),
+             ops=(Http(url=f"{d.endpoint}/completions", body=body, expect='"choices"', timeout=300, **auth),)),
     ]
 
 

@@ -20,7 +20,7 @@ PROFILE = """# the rig's real engine: vLLM's CPU build 0.32.0, across hosts with
 engine: vllm-mp
 device: cpu
 image: vllm/vllm-openai-cpu:v0.32.0
-docker: {shm_size: 1g, ipc: host, network: host}
+docker: {shm_size: 1g, ipc: null, network: host}   # private IPC: rig hosts share this machine's, real ones do not
 env: {VLLM_CPU_KVCACHE_SPACE: "1"}
 engine_args: {max-model-len: 512%s}
 """
