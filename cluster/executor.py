@@ -103,11 +103,11 @@ class Executor:
         """Only the read-only checks: what `execute` would run or skip now, and why."""
         report = Report()
         decisions = self._decide_all(list(steps))
-        will_run = {s.id for s in steps if decisions[s.id].action == "run"}
+        # steps a later step needs are counted by their own check; earlier ones by what was resolved for them
+        will_run = {s.id for s in steps if decisions[s.id].action == "run" and not s.needed_by}
         for s in steps:
             d = self._resolve(s, decisions[s.id], will_run)
-            if d.action == "run":
-                will_run.add(s.id)
+            (will_run.add if d.action == "run" else will_run.discard)(s.id)
             report.outcomes.append(Outcome(s, f"would-{d.action}", d.why, d.variant, names=d.extra))
         return report
 

@@ -17,6 +17,7 @@ import yaml
 from cluster import containers as dk
 from cluster import ops, render
 from cluster.engines import vllm_ray
+from cluster.executor import Executor
 from cluster.steps import Cmd, Step, decide
 
 HOSTILE = ["x; touch PWNED", "$(touch PWNED)", "`touch PWNED`", "a'b\"c", "line1\nline2; touch PWNED",
@@ -241,3 +242,28 @@ def test_ray_on_a_cpu_build_is_refused_with_the_engine_that_works(tmp_path):
     p = _cpu_plan(tmp_path, profile=str(tmp_path / "ray.yaml"))
     f = next(f for f in p.findings if f.code == "ray-unsupported")
     assert p.verdict == "fail" and "vllm-mp" in f.fix
+
+
+class _Canned(Executor):
+    """An executor whose checks answer from a table (no host): what evaluate() makes of the answers."""
+
+    def __init__(self, answers):
+        super().__init__(None)
+        self.answers = answers
+
+    def check(self, step):
+        return decide(step, 0, self.answers[step.id])
+
+
+@pytest.mark.parametrize("copy, expect", [("skip complete", ("skip", "skip", "skip")),
+                                          ("run missing files", ("run", "run", "run"))])
+def test_dry_run_follows_needed_by_and_after(copy, expect):
+    rm = (Cmd(argv=("docker", "rm", "-f", "srv")),)
+    serve = Step(id="h1/model-serve", host="h1", phase="a", reason="r", ops=(Cmd(argv=("docker", "run")),),
+                 needed_by=("h2/model",))
+    model = Step(id="h2/model", host="h2", phase="b", reason="r", ops=(Cmd(argv=("sync",)),))
+    stop = Step(id="h1/stop", host="h1", phase="c", reason="r", ops=rm, after=("h1/model-serve",),
+                variants={"restart": rm})
+    answers = {"h1/model-serve": "run absent", "h2/model": copy, "h1/stop": "skip nothing to remove"}
+    got = [o.status.replace("would-", "") for o in _Canned(answers).evaluate([serve, model, stop]).outcomes]
+    assert tuple(got) == expect
