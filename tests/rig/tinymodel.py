@@ -4,12 +4,13 @@ two hand-written safetensors shards with an index, and a README. Same seed -> sa
 
     python3 tinymodel.py OUTDIR
 """
-import hashlib
 import json
 import os
 import random
 import struct
 import sys
+
+from realmodel import file_list  # one listing for both rig models
 
 MODEL_ID = "gpucluster/tiny-qwen2"
 SEED = 20241121
@@ -193,20 +194,6 @@ def generate(outdir):
         with open(os.path.join(outdir, name), "w", encoding="utf-8") as f:
             f.write(text)
     return file_list(outdir)
-
-
-def file_list(outdir):
-    files = []
-    for name in sorted(os.listdir(outdir)):
-        p = os.path.join(outdir, name)
-        if not os.path.isfile(p):
-            continue
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        files.append({"path": name, "size": os.path.getsize(p), "sha256": h.hexdigest()})
-    return files
 
 
 if __name__ == "__main__":
