@@ -55,8 +55,7 @@ def plan(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, mod
         raise config.ConfigError(f"--format {format_!r}: use table, json or sh")
     inv, prof = ops.load(inventory, profile=profile, model=model, hosts=_hosts(hosts))
     p = ops.make_plan(inv, prof, tp=tp, pp=pp, sets=config.parse_set(set_ or []))
-    take, release = ops.lock_steps(inv, p.deployment.head, "up")
-    steps = [*take, *p.steps, *release]
+    steps = [step for part in ops.up_steps(p) for step in part]
     fmt = "json" if json_ else format_
     alts = _alternatives(inv, p, set_ or []) if fmt == "json" or p.verdict == "fail" else []
     if fmt == "json":

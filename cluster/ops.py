@@ -84,6 +84,12 @@ def lock_steps(inv: Inventory, head: Host, operation: str) -> tuple[list[Step], 
     return [take], [release]
 
 
+def up_steps(plan: planner.Plan) -> tuple[list[Step], list[Step], list[Step]]:
+    """What `up` runs, in order: take the lock, the plan's steps, release the lock (the one place they are joined)."""
+    take, release = lock_steps(plan.inventory, plan.deployment.head, "up")
+    return take, list(plan.steps), release
+
+
 def _secrets_resolve(inv: Inventory) -> None:
     """A missing secret stops `up` before any host is touched, not after a long download."""
     for field, secret in (("deploy.api_key", inv.deploy.api_key), ("deploy.source.token", inv.deploy.source.token)):
@@ -231,10 +237,10 @@ def up(inv: Inventory, prof: Profile, *, dry_run: bool = False, progress: Progre
         if plan.verdict == "fail":
             raise PlanFailed(plan, "with the measured host facts")
         plan_s = time.time() - t0
-        take, release = lock_steps(inv, plan.deployment.head, "up")
+        take, body, release = up_steps(plan)
         ex = Executor(hosts, progress)
         if dry_run:
-            report = ex.evaluate([*take, *plan.steps, *release])
+            report = ex.evaluate([*take, *body, *release])
             return UpResult(plan, report, dry_run=True)
         try:
             report = ex.execute(take)
@@ -242,7 +248,7 @@ def up(inv: Inventory, prof: Profile, *, dry_run: bool = False, progress: Progre
             why = e.failed[0].why
             raise (LockHeld(why) if why.startswith("another gpucluster operation") else e) from None
         try:
-            report = _merge(report, ex.execute(plan.steps))
+            report = _merge(report, ex.execute(body))
         finally:
             report = _merge(report, ex.execute(release))
         report.phases = {"plan+probe": plan_s, **report.phases}
