@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from .memory import Memory
 from .models import ModelFacts
 from .containers import LABEL
 from .steps import Check, Cmd, Step
+
+IMAGE_CHECK_AGENT = (Path(__file__).parent / "image_check_agent.py").read_text()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +175,19 @@ def image_steps(d: Deployment) -> list[Step]:
                  reason=f"pull {image} through the mirrors in order: {', '.join(refs)}") for h in d.hosts]
 
 
+def image_check_steps(d: Deployment) -> list[Step]:
+    """Right after the pull: the image's own torch on every host must have a kernel image for each GPU it sees."""
+    if d.profile.device != "gpu":
+        return []
+    image = d.profile.image
+    return [Step(id=f"{h.name}/image-check", host=h.name, phase="image-check", readonly=True,
+                 reason=f"the torch in {image} runs on this host's GPUs (torch.cuda.get_arch_list() vs each GPU)",
+                 ops=(Cmd(argv=("docker", "run", "--rm", "--pull", "never", "--gpus", "all", "--network", "none",
+                                "--entrypoint", "python3", image, "-c", IMAGE_CHECK_AGENT, image),
+                          timeout=300, stream=True),))
+            for h in d.hosts]
+
+
 def _devices_declared(inventory: Inventory, profile: Profile) -> None:
     """A GPU profile needs every host's GPUs declared (a CPU profile needs none)."""
     for i, h in enumerate(inventory.hosts):
@@ -231,7 +247,7 @@ def build(inventory: Inventory, profile: Profile, *, model: ModelFacts | None, t
                    port=inventory.deploy.port or profile.port)
     job = ModelJob(inventory=inventory, hosts=setup.hosts, image=profile.image, verify=verify,
                    transfer_token=transfer_token or Secret(literal=secrets.token_hex(24)))
-    steps = [*stray_steps(d), *image_steps(d), *head_steps(job), *fanout_steps(job),
+    steps = [*stray_steps(d), *image_steps(d), *image_check_steps(d), *head_steps(job), *fanout_steps(job),
              *engine.steps(d, join_timeout=join_timeout, ready_timeout=ready_timeout)]
     return Plan(deployment=d, model=model, findings=tuple(findings), memory=setup.memory(), steps=tuple(steps))
 

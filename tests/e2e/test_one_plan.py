@@ -70,11 +70,13 @@ def expectations(dry: dict) -> tuple[dict, dict]:
             for key in ("abort", "log"):
                 if isinstance(op.get(key), dict):
                     looks[op[key]["host"]].add(tuple(op[key]["argv"][1:]))
+        if s.get("readonly"):    # changes nothing (the in-image torch check: `docker run --rm`): may run every time
+            probes += [op.get("argv") for op in s["ops"]]
         for argv in probes:
             if argv and argv[0] == "docker":
                 looks[s["host"]].add(tuple(argv[1:]))
     for o in dry["steps"]:
-        if o["status"] == "would-run":
+        if o["status"] == "would-run" and not plan[o["id"]].get("readonly"):
             changes[o["host"]] += _ops(plan[o["id"]], o)
     return changes, looks
 

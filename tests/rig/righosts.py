@@ -9,6 +9,7 @@ import time
 
 import realengine
 import realmodel
+import shapemodel
 import rigimage
 import tinymodel
 from rigutil import CACHE, HERE, log, run, stage, wait_for
@@ -351,6 +352,7 @@ def up(a):
                [(NS_PREFIX + n, host_addr(i)) for i, n in enumerate(names, 1)])
     with stage("model repository"):
         model = prepare_model(d)
+        shape_model = prepare_model(d, shapemodel.MODEL_ID, fill=shapemodel.generate, origin="tests/rig/shapemodel.py")
         real = realengine.available()  # only after `rig setup --real-engine`
         real_model = None
         if real:
@@ -407,6 +409,7 @@ def up(a):
                        "access_log": os.path.join(sv, "modelscope-access.log"),
                        "git_url": "http://%s:%d/models/%s.git" % (SERVICES["ms"], MS_PORT, model["id"])},
         "model": model,
+        "shape_model": shape_model,
         "cache_dir": CACHE,
     }
     if real:  # `rig setup --real-engine` ran: vLLM's CPU build and its model (the keys are absent otherwise)

@@ -17,7 +17,9 @@ APT_PACKAGES = ["docker.io", "openssh-server", "openssh-client", "iproute2", "de
 OLAH_REQ = "olah==0.5.4"
 
 # Versions the images carry when cluster/knowledge/vllm/*.json does not exist yet.
-DEFAULT_VERSIONS = ["0.3.0", "0.6.3", "0.10.1.1", "0.33.0"]
+# The stand-in images built: a release per image generation the tests need (0.19.1: the newest official image
+# that still runs on sm_70, which `--profile auto` picks for V100 hosts).
+VERSIONS = ["0.3.0", "0.6.3", "0.10.1.1", "0.19.1", "0.33.0"]
 BASE_INCLUDE = "python3,python3-pip,python3-venv,iproute2,procps,curl,ca-certificates"
 PIP_REQS = ["ray==2.60.0", "huggingface_hub<1.0", "modelscope"]
 BASE_REV = "1"  # bump to force a rebuild of the base image
@@ -37,7 +39,8 @@ REALPARSER_DEPS = ["pydantic==2.14.3", "pydantic-core==2.50.4", "annotated-types
 PIP_TARGET = ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
               "--abi", "abi3", "--abi", "none", "--platform", "manylinux1_x86_64", "--platform", "manylinux2010_x86_64",
               "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform",
-              "manylinux_2_28_x86_64", "--platform", "manylinux_2_34_x86_64", "--platform", "any"]
+              "manylinux_2_28_x86_64", "--platform", "manylinux_2_31_x86_64", "--platform", "manylinux_2_34_x86_64",
+              "--platform", "any"]
 
 BUILDER_RUN = "/run/gcrig-builder"
 BUILDER_SOCK = BUILDER_RUN + "/docker.sock"
@@ -51,32 +54,29 @@ def vkey(v):
 
 
 def version_traits(v):
-    """torch/CUDA/arch list and entrypoint per vLLM version (values from vllm-facts.md)."""
+    """torch/CUDA/arch list and entrypoint per vLLM release: the torch build each release pins, with the arch list
+    read from that torch wheel on PyPI (libtorch's fatbin), independent of gpucluster's tables."""
     k = vkey(v)
     if k < (0, 4):
         t = {"torch": "2.1.2", "cuda": "12.1", "arch": SM_OLD}
     elif k < (0, 7):
         t = {"torch": "2.4.0", "cuda": "12.1", "arch": SM_OLD}
-    elif k < (0, 20):
+    elif k < (0, 10, 2):                       # torch 2.7 cu128 dropped sm_70 (vllm#18818: "minimum ... is 7.5")
         t = {"torch": "2.7.1", "cuda": "12.8", "arch": SM_NEW}
-    else:
+    elif k < (0, 11, 1):                       # torch 2.8 cu128 has sm_70 again (pytorch#157517)
+        t = {"torch": "2.8.0", "cuda": "12.8", "arch": ["sm_70"] + SM_NEW}
+    elif k < (0, 20):                          # torch 2.9/2.10 cu129: sm_70 .. sm_120 + PTX
+        t = {"torch": "2.10.0", "cuda": "12.9", "arch": ["sm_70"] + SM_NEW + ["compute_120"]}
+    else:                                      # CUDA 13: sm_75 and up
         t = {"torch": "2.11.0", "cuda": "13.0", "arch": SM_NEW}
     # Upstream images use the module entrypoint through at least 0.8.x; 0.10.x unconfirmed (kept on the module).
     t["serve_entrypoint"] = k >= (0, 11)
     return t
 
 
-def knowledge_dir():
-    return os.path.join(REPO, "cluster", "knowledge", "vllm")
-
-
 def versions():
-    """The releases to build: one per cluster/knowledge/vllm/<version>.json file NAME (the tables' contents are
-    never read: the stand-in takes flags and architectures from the release's wheel)."""
-    found = sorted((os.path.basename(p)[:-5] for p in glob.glob(os.path.join(knowledge_dir(), "*.json"))
-                    if os.path.basename(p)[0].isdigit()), key=vkey)
-    vs = set(found) or set(DEFAULT_VERSIONS)
-    return sorted(vs, key=vkey)
+    """The releases to build (the stand-in takes flags and architectures from each release's wheel)."""
+    return sorted(VERSIONS, key=vkey)
 
 
 # ---------------------------------------------------------------- packages
