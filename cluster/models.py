@@ -1,4 +1,4 @@
-"""Model facts: from a local config.json (+ safetensors sizes) or the built-in catalog."""
+"""Model facts: from a local config.json (+ safetensors sizes), the built-in catalog, or the configured hub (hub.py)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class ModelFacts:
     weight_bytes: int
     gated: bool = False
     local_path: str | None = None   # set when read from a directory on this machine
+    remote_code: bool = False       # config.json has `auto_map`: the repository ships its own modelling code
 
     @property
     def params(self) -> float:
@@ -84,6 +85,7 @@ def from_config(model_id: str, cfg: dict, weight_bytes: int, *, local_path: str 
         weight_bytes=int(weight_bytes),
         gated=bool(cfg.get("gated", False)),
         local_path=local_path,
+        remote_code=bool(cfg.get("auto_map")),
     )
 
 
@@ -113,9 +115,17 @@ def weight_bytes_of(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.bin"))
 
 
-def load(model: str, *, field: str = "deploy.model", file: str | None = None,
-         line: int | None = None) -> ModelFacts | None:
-    """Facts for `model`: a local directory with config.json, else the catalog, else None."""
+@dataclass(frozen=True)
+class Lookup:
+    """Facts for a model, or None; `problem`: why the hub could not tell (one line), if it was asked."""
+
+    facts: ModelFacts | None
+    problem: str | None = None
+
+
+def lookup(model: str, *, source=None, field: str = "deploy.model", file: str | None = None,
+           line: int | None = None) -> Lookup:
+    """A local directory, else the catalog, else (with a `source`) the hub's cache, else the hub unless offline."""
     if is_local(model):
         folder = Path(model).expanduser()
         cfg_path = folder / "config.json"
@@ -124,12 +134,28 @@ def load(model: str, *, field: str = "deploy.model", file: str | None = None,
                               fix="point deploy.model at a model directory, or use a hub id")
         try:
             cfg = json.loads(cfg_path.read_text())
-            return from_config(str(folder), cfg, weight_bytes_of(folder), local_path=str(folder))
+            return Lookup(from_config(str(folder), cfg, weight_bytes_of(folder), local_path=str(folder)))
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"cannot read {cfg_path}: {e}", file=file, field=field) from None
     entry = knowledge.catalog().get(model)
-    if entry is None:
-        return None
+    if entry is not None:   # a catalog model never touches the network
+        return Lookup(_from_catalog(model, entry))
+    if source is None or source.kind == "local":
+        return Lookup(None)
+    from . import hub   # urllib only when a model outside the catalog is planned
+    try:
+        return Lookup(hub.facts(model, source))
+    except hub.HubError as e:
+        return Lookup(None, str(e))
+
+
+def load(model: str, *, source=None, field: str = "deploy.model", file: str | None = None,
+         line: int | None = None) -> ModelFacts | None:
+    """Facts for `model` (see `lookup`), or None when nothing knows it."""
+    return lookup(model, source=source, field=field, file=file, line=line).facts
+
+
+def _from_catalog(model: str, entry: dict) -> ModelFacts:
     return ModelFacts(
         id=model, architecture=entry["architecture"], model_type=entry["model_type"],
         layers=entry["num_hidden_layers"], heads=entry["num_attention_heads"],
@@ -138,5 +164,5 @@ def load(model: str, *, field: str = "deploy.model", file: str | None = None,
         hidden=entry["hidden_size"], intermediate=entry["intermediate_size"], vocab=entry["vocab_size"],
         max_positions=entry["max_position_embeddings"], dtype=entry["torch_dtype"],
         tie_embeddings=entry.get("tie_word_embeddings", False), weight_bytes=entry["weight_bytes"],
-        gated=entry.get("gated", False),
+        gated=entry.get("gated", False), remote_code=bool(entry.get("trust_remote_code", False)),
     )

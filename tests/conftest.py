@@ -4,6 +4,9 @@ Environment:
   GPUCLUSTER_RIG_DIR=/path    reuse a rig already brought up with `tests/rig/rig up --dir /path` (never torn down here)
   GPUCLUSTER_SKIP_RIG=1       skip every test that needs the rig instead of failing where it cannot run
   GPUCLUSTER_RIG_HOSTS=N      hosts for a rig this session creates (default 3)
+
+Every test runs with GPUCLUSTER_OFFLINE=1 (no model hub is asked, not even the rig's) and GPUCLUSTER_CACHE_DIR in
+its own temporary folder; a test marked `hub_online` may ask the hubs its inventory names (loopback or the rig's).
 """
 import json
 import os
@@ -17,6 +20,18 @@ RIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rig", "rig")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "rig: needs the simulated-host test rig (root, tests/rig/rig setup done)")
+    config.addinivalue_line("markers", "hub_online: may ask the model hub its inventory names (GPUCLUSTER_OFFLINE "
+                                       "is not set for it)")
+
+
+@pytest.fixture(autouse=True)
+def _hub_offline(request, monkeypatch, tmp_path_factory):
+    """No test reaches a model hub unless it opts in, and none reads or writes the user's cache."""
+    monkeypatch.setenv("GPUCLUSTER_CACHE_DIR", str(tmp_path_factory.mktemp("gpucluster-cache")))
+    if request.node.get_closest_marker("hub_online"):
+        monkeypatch.delenv("GPUCLUSTER_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("GPUCLUSTER_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
