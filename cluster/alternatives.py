@@ -20,7 +20,8 @@ from .models import ModelFacts
 
 MIN_MODEL_LEN = 1024          # below this an alternative is not worth proposing
 MAX_FIX_ROUNDS = 6
-IMAGE_REPO = {"vllm": "vllm/vllm-openai"}
+IMAGE_REPO = {"vllm": "vllm/vllm-openai", "sglang": "lmsysorg/sglang"}   # also the engines searched, in order
+LABEL = {"vllm": "vLLM", "vllm-mp": "vLLM", "sglang": "SGLang"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,15 +66,19 @@ def image_profile(engine: str, version: str, template: Profile | None) -> Profil
     """A profile that is just the official image of `version` (mirrors, docker and env from `template`)."""
     base = {"registry_mirrors": list(template.registry_mirrors), "docker": template.docker,
             "env": dict(template.env)} if template else {}
+    tag = getattr(engines.get(engine), "image", None)      # an engine whose tags carry more than v<version>
     return Profile(name=f"{engine}-v{version}", engine=engine, version=version,
-                   image=f"{IMAGE_REPO.get(engine, engine)}:v{version}", **base)
+                   image=tag(version) if tag else f"{IMAGE_REPO.get(engine, engine)}:v{version}", **base)
 
 
 def candidates(engine: str = "vllm") -> list[tuple[Profile, bool]]:
     """(profile, shipped) newest first: shipped profiles and the newest release of each minor series."""
     shipped = {p.version: p for p in sorted(_shipped(engine), key=lambda p: p.name)}
     newest: dict[tuple[str, ...], str] = {}
-    for v in knowledge.known_versions(getattr(engines.get(engine), "knowledge", engine)):
+    plugin = engines.get(engine)
+    known = plugin.versions() if hasattr(plugin, "versions") else \
+        knowledge.known_versions(getattr(plugin, "knowledge", engine))
+    for v in known:
         newest[tuple(v.split(".")[:2])] = v
     out = []
     for v in sorted(set(newest.values()) | set(shipped), key=version_key, reverse=True):
@@ -160,8 +165,9 @@ def evaluate(inv: Inventory, prof: Profile, model: ModelFacts | None, *, sets: d
 def _why(prof: Profile, s: Setup, findings, added: dict, cc: str) -> str:
     f = s.facts
     seen = "confirmed" if f.image_confirmed else "inferred from the image's torch arch list, not yet run here"
-    parts = [f"vLLM {f.version} ({f.released}, torch {f.torch}, CUDA {f.cuda}) runs on cc {cc} ({seen}) and "
-             f"knows {s.model.architecture}" if s.model else f"vLLM {f.version} runs on cc {cc} ({seen})",
+    name = LABEL.get(prof.engine, prof.engine)
+    parts = [f"{name} {f.version} ({f.released}, torch {f.torch}, CUDA {f.cuda}) runs on cc {cc} ({seen}) and "
+             f"knows {s.model.architecture}" if s.model else f"{name} {f.version} runs on cc {cc} ({seen})",
              f"TP {s.tp} x PP {s.pp} on {len(s.hosts)} host(s)"]
     reasons = {"dtype": "bf16 needs cc >= 8.0", "enforce-eager": "no CUDA graph memory",
                "max-model-len": "fits the KV cache", "max-num-batched-tokens": "covers max-model-len"}
@@ -172,12 +178,15 @@ def _why(prof: Profile, s: Setup, findings, added: dict, cc: str) -> str:
 
 def search(inv: Inventory, model: ModelFacts | None, *, sets: dict[str, Any] | None = None, engine: str = "vllm",
            tp: int | None = None, pp: int | None = None, limit: int = 8) -> list[Alternative]:
-    """Up to `limit` alternatives that pass every check, newest engine first, then fewest GPUs."""
+    """Up to `limit` alternatives that pass every check: `engine`'s, then the other engines' (SGLang only where
+    every GPU has compute capability >= 7.5); newest release first, then fewest GPUs."""
     if any(h.gpus is None for h in inv.hosts):    # CPU hosts: the alternatives are GPU images
         return []
     cc = min((h.gpus.compute_capability for h in inv.hosts), key=checks.capability)
+    # "SGLang only supports sm75 and above." (every release's floor, cluster/knowledge/sglang)
+    order = [e for e in dict.fromkeys([engine, *IMAGE_REPO]) if e != "sglang" or checks.capability(cc) >= (7, 5)]
     found = []
-    for prof, shipped in candidates(engine):
+    for prof, shipped in (c for e in order for c in candidates(e)):
         got = evaluate(inv, prof, model, sets=sets, tp=tp, pp=pp)
         if got is None:
             continue
@@ -187,14 +196,15 @@ def search(inv: Inventory, model: ModelFacts | None, *, sets: dict[str, Any] | N
                                  verdict="warn" if findings else "ok", why=_why(prof, s, findings, added, cc)))
         if len(found) >= limit:
             break
-    return sorted(found, key=lambda a: (tuple(-x for x in version_key(a.profile.version)), a.gpus))
+    return sorted(found, key=lambda a: (order.index(a.profile.engine),
+                                        tuple(-x for x in version_key(a.profile.version)), a.gpus))
 
 
 def auto(inv: Inventory, model: ModelFacts | None) -> tuple[Inventory, Profile, Alternative]:
     """`--profile auto` / no deploy.profile: the first alternative, as the inventory and profile to plan with."""
     found = search(inv, model, limit=1)
     if not found:
-        raise NoAlternative(f"no known vLLM release passes every check for {inv.deploy.model} on these hosts "
+        raise NoAlternative(f"no known engine release passes every check for {inv.deploy.model} on these hosts "
                             "(compute capability, architecture, memory); run `gpucluster plan` with a profile "
                             "for the findings")
     a = found[0]
