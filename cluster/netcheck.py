@@ -316,22 +316,30 @@ class NetCheck:
 
 def check_network(inv: Inventory, prof: Profile, *, timeout: float = DEFAULT_TIMEOUT, port: int = DEFAULT_PORT,
                   dry_run: bool = False, progress: Callable[[str], None] = lambda s: None,
-                  accept_new_host_keys: bool = False) -> NetCheck:
-    """Pull the image where it is missing, then run the check on every inventory host at once."""
+                  accept_new_host_keys: bool = False, break_lock: bool = False,
+                  notice: Callable[[str], None] = lambda s: None) -> NetCheck:
+    """Take the cluster lease, pull the image where it is missing, then run the check on every inventory host at once."""
+    from . import lease as leases
     from . import ops, remote
     from . import plan as planner
-    from .executor import Executor, PhaseFailed
+    from .executor import Executor, PhaseFailed, Report
     d = ops.make_plan(inv, prof).deployment
     job = make_job(d, inv.hosts, timeout=timeout, port=port)
     hosts = tuple(nh.host for nh in job.hosts)
     todo = [*planner.image_steps(dataclasses.replace(d, setup=dataclasses.replace(d.setup, hosts=hosts))),
             *steps(job)]
+    lease = leases.for_operation(inv, "check network", break_lock=break_lock)
+    take, release = lease.steps()
     with remote.Hosts(inv, accept_new_host_keys=accept_new_host_keys) as connections:
-        ex = Executor(connections, progress)
-        if dry_run:
-            return NetCheck(job, todo, ex.evaluate(todo), {}, dry_run=True)
-        try:
-            report = ex.execute(todo)
-        except PhaseFailed as e:       # every host's result is still in the report
-            report = e.report
+        if dry_run:     # the lease's check only: a dry run never takes it
+            return NetCheck(job, todo, Executor(connections, progress).evaluate([*take, *todo, *release]), {},
+                            dry_run=True)
+        # an unreachable head: no lease, and the image phase's per-host results say so (nothing starts)
+        with leases.Held(lease, connections, progress=progress, notice=notice, unreachable_ok=True) as held:
+            try:
+                report = held.executor.execute(todo)
+            except PhaseFailed as e:       # every host's result is still in the report
+                report = e.report
+    report = Report(outcomes=held.taken.outcomes + report.outcomes + held.released.outcomes,
+                    phases={**held.taken.phases, **report.phases, **held.released.phases})
     return NetCheck(job, todo, report, collect(job, report))

@@ -4,6 +4,8 @@ shrunk deployment leaves no stray worker, a wedged nvidia-smi cannot hang a comm
 from __future__ import annotations
 
 import json
+import re
+import time
 import urllib.error
 from pathlib import Path
 
@@ -110,3 +112,60 @@ def test_an_ssh_config_alias_reaches_the_host_and_the_address_stays_an_ip(rig, t
     inv.write_text(yaml.safe_dump(data, sort_keys=False))
     r = gc("probe", str(inv), env={"HOME": str(home)})
     assert r.returncode == 2 and "hosts[0].address" in r.stderr and "Traceback" not in r.stderr
+
+
+LEASES = Path("/var/lib/gpucluster")     # the lease lives on the head; rig hosts share this machine's files and clock
+
+
+def _lease_by_hand(cluster: str, *, owner: str, pid: int, command: str, renewed_ago: int, expires_in: int) -> Path:
+    """A lease another control machine left: started and last renewed `renewed_ago` seconds ago."""
+    now = int(time.time())
+    path = LEASES / f"{cluster}.lease"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_text(f"token=0123456789abcdef\nowner={owner}\npid={pid}\ncommand={command}\nstart={now - renewed_ago}\n"
+                    f"renewed={now - renewed_ago}\nexpires={now + expires_in}\n")
+    return path
+
+
+def test_a_stale_lease_is_taken_over_and_a_live_one_stops_down_unless_break_lock(rig, tmp_path):
+    inv = inventory(rig, tmp_path, name="e2e-lease", hosts=1)
+    lease = LEASES / "e2e-lease.lease"
+    try:
+        # a killed `up` on a laptop: its lease stopped being renewed 10 minutes ago
+        _lease_by_hand("e2e-lease", owner="gone@laptop", pid=4242, command="up", renewed_ago=600, expires_in=-510)
+        r = gc("up", str(inv), "--yes", "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert re.search(r"warning: h1: take over the stale lease of gone@laptop pid 4242 \(gpucluster up\), "
+                         r"started \S+ \(6\d\ds ago\), last renewed 6\d\ds ago", r.stderr), r.stderr[-2000:]
+        took = next(o for o in json.loads(r.stdout)["steps"] if o["id"] == "h1/lock")
+        assert took["status"] == "ran" and took["why"].startswith("take over the stale lease"), took
+        assert not lease.exists(), "up did not release its lease"
+        assert len(labelled(rig, "e2e-lease")) == 1
+
+        # another operation is running (renewed 5 s ago): down refuses, changes nothing, and names it
+        _lease_by_hand("e2e-lease", owner="busy@desk", pid=777, command="model pull", renewed_ago=5, expires_in=85)
+        before = lease.read_text()
+        dry = gc("down", str(inv), "--dry-run")
+        assert dry.returncode == 0 and "fail  [lock] lock: held by busy@desk" in dry.stdout, dry.stdout
+        dn = gc("down", str(inv), "--yes")
+        assert dn.returncode == 4, dn.stderr
+        line = dn.stderr.strip().splitlines()[-1]
+        assert "held by busy@desk pid 777 (gpucluster model pull), started " in line and "--break-lock" in line, line
+        assert "Traceback" not in dn.stderr
+        assert len(labelled(rig, "e2e-lease")) == 1 and lease.read_text() == before   # nothing touched, not taken
+
+        # --break-lock takes it, saying whose it was, and releases it at the end
+        dn = gc("down", str(inv), "--yes", "--break-lock")
+        assert dn.returncode == 0, dn.stderr
+        assert "warning: h1: break the live lease of busy@desk pid 777 (gpucluster model pull)" in dn.stderr
+        assert labelled(rig, "e2e-lease") == {} and not lease.exists()
+
+        # a stale lease left by a killed `down`: the next down takes it over
+        _lease_by_hand("e2e-lease", owner="gone@laptop", pid=4343, command="down", renewed_ago=300, expires_in=-210)
+        dn = gc("down", str(inv), "--yes")
+        assert dn.returncode == 0, dn.stderr
+        assert "take over the stale lease of gone@laptop pid 4343 (gpucluster down)" in dn.stderr
+        assert re.search(r"last renewed 3\d\ds ago", dn.stderr) and not lease.exists()
+    finally:
+        lease.unlink(missing_ok=True)
+        gc("down", str(inv), "--yes")
