@@ -65,23 +65,29 @@ class Secret:
 
 
 # ---------------------------------------------------------------- schema
+SSH_USER = r"^[A-Za-z0-9_][A-Za-z0-9_.@-]*$"
+SSH_PATH = r'^(?!.*\$\{)[^\x00-\x1f\x7f"]+$'   # ssh_config quotes it: no control character, double quote, ${
+
+
 @dataclass(frozen=True, kw_only=True)
 class SSH:
-    user: str = "root"
-    port: int = field(default=22, metadata={"range": (1, 65535)})
-    identity_file: str | None = None
-    known_hosts: str = "~/.ssh/known_hosts"
+    # user, port, identity_file, known_hosts: None means what your ssh config says (ssh -G), as plain `ssh` does
+    user: str | None = field(default=None, metadata={"pattern": SSH_USER})
+    port: int | None = field(default=None, metadata={"range": (1, 65535)})
+    identity_file: str | None = field(default=None, metadata={"pattern": SSH_PATH})
+    known_hosts: str | None = field(default=None, metadata={"pattern": SSH_PATH})
     accept_new_host_keys: bool = False
     connect_timeout: float = field(default=10.0, metadata={"range": (0.1, 600)})
+    config: str | None = field(default=None, metadata={"pattern": SSH_PATH})   # else $GPUCLUSTER_SSH_CONFIG
 
 
 @dataclass(frozen=True, kw_only=True)
 class SSHOverride:
     host: str | None = field(default=None, metadata={"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"})   # what ssh dials
-    user: str | None = None
+    user: str | None = field(default=None, metadata={"pattern": SSH_USER})
     port: int | None = field(default=None, metadata={"range": (1, 65535)})
-    identity_file: str | None = None
-    known_hosts: str | None = None
+    identity_file: str | None = field(default=None, metadata={"pattern": SSH_PATH})
+    known_hosts: str | None = field(default=None, metadata={"pattern": SSH_PATH})
     accept_new_host_keys: bool | None = None
     connect_timeout: float | None = None
 
@@ -491,6 +497,7 @@ def image_version(image: str) -> str | None:
     if not sep or "/" in tag:
         return None
     tag = tag[1:] if tag[:1] in "vV" else tag
+    tag = re.sub(r"-(cu|rocm)\d+(-[A-Za-z0-9]+)*$", "", tag)   # SGLang's build suffix: v0.4.6.post4-cu124
     return tag if re.match(VERSION_PATTERN, tag) else None
 
 
