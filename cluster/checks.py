@@ -55,8 +55,27 @@ class Setup:
     def memory(self) -> Memory | None:
         if self.model is None or self.cpu:      # the GPU memory model; a CPU host's RAM is checked once probed
             return None
+        own = _engine_attr(self.profile.engine, "memory")
+        if own is not None:                     # an engine that budgets memory its own way (SGLang's static pool)
+            return own(self)
+        # V1 runs where it is the default, except that releases still carrying V0 (batched rule of V0) fall
+        # back to it below compute capability 8.0.
+        v0_fallback = self.facts.batched_tokens_default != "v1-server" and \
+            min(capability(h.gpus.compute_capability) for h in self.hosts) < (8, 0)
         return estimate(model=self.model, tp=self.tp, pp=self.pp, gpu_mib=min(h.gpus.memory_mib for h in self.hosts),
-                        args=self.args, batched_rule=self.facts.batched_tokens_default)
+                        args=self.args, batched_rule=self.facts.batched_tokens_default,
+                        generation="v1" if self.facts.v1 and not v0_fallback else "v0",
+                        version=self.facts.version, chunked_prefill_over=self.facts.chunked_prefill_over)
+
+
+def _engine_attr(engine: str, attr: str):
+    """An optional member of an engine plugin (`memory`, `capability_quote`); None where it has none."""
+    from . import engines
+    from .errors import GpuclusterError
+    try:
+        return getattr(engines.get(engine), attr, None)
+    except GpuclusterError:
+        return None
 
 
 def capability(text: str) -> tuple[int, int]:
@@ -143,10 +162,12 @@ def compute_capability(s: Setup) -> Iterator[Finding]:
     low = [h for h in s.hosts if capability(h.gpus.compute_capability) < floor]
     if low:
         names = ", ".join(f"{h.name} ({h.gpus.name or 'GPU'} cc {h.gpus.compute_capability})" for h in low)
+        quote = _engine_attr(s.profile.engine, "capability_quote")
+        said = quote(s.facts) if quote else \
+            f"The minimum cuda capability supported by this library is {floor[0]}.{floor[1]}"
         yield Finding(code="compute-capability", severity=ERROR,
                       message=f"{s.profile.image} (torch {s.facts.torch}, CUDA {s.facts.cuda}) needs compute "
-                              f"capability >= {floor[0]}.{floor[1]}; {names} is below: \"The minimum cuda "
-                              f"capability supported by this library is {floor[0]}.{floor[1]}\"",
+                              f"capability >= {floor[0]}.{floor[1]}; {names} is below: \"{said}\"",
                       fix=_profiles_for(s.profile.engine, min(capability(h.gpus.compute_capability) for h in low)))
 
 
@@ -157,15 +178,15 @@ def _profiles_for(engine: str, cc: tuple[int, int], arch: str | None = None) -> 
     from .knowledge import curated
     key = getattr(engines.get(engine), "knowledge", engine)
 
-    def fits(version: str) -> bool:
-        facts = knowledge.engine(key, version)
+    def fits(version: str, of: str = engine) -> bool:
+        facts = engines.get(of).facts(version)
         return facts.runs_on(cc) and (arch is None or not facts.architectures or arch in facts.architectures)
-    ok = []
+    ok, other = [], []     # this engine's profiles that run here; other engines' (when none of this one's can)
     for name in config.available_profiles():
         try:
             p = config.load_profile(name)
-            if p.engine == engine and fits(p.version):
-                ok.append(name)
+            if fits(p.version, p.engine):
+                (ok if p.engine == engine else other).append(name)
         except Exception:  # noqa: BLE001 - a broken profile is simply not suggested
             continue
     where = f"compute capability {cc[0]}.{cc[1]}" + (f" and knows {arch}" if arch else "")
@@ -180,6 +201,8 @@ def _profiles_for(engine: str, cc: tuple[int, int], arch: str | None = None) -> 
     if images:
         return f"no shipped profile runs on {where}; use a profile with `image: {images[0]}` (newest that does; " \
                f"also {', '.join(images[1:]) or 'none older checked'})"
+    if other:              # e.g. no SGLang release runs below cc 7.5
+        return f"no {engine} release runs on {where}; use a profile of another engine that does: {', '.join(other)}"
     return f"no known release runs on {where}"
 
 
@@ -197,6 +220,8 @@ def driver_recent(s: Setup) -> Iterator[Finding]:
 
 # ---------------------------------------------------------------- memory
 def memory_fits(s: Setup) -> Iterator[Finding]:
+    if _engine_attr(s.profile.engine, "memory") is not None:     # that engine checks its own memory model
+        return
     m = s.memory()
     if m is None:
         return
@@ -226,9 +251,27 @@ def memory_fits(s: Setup) -> Iterator[Finding]:
                           f"GPUs / raise gpu-memory-utilization; {need} do not fit")
 
 
+# ---------------------------------------------------------------- model code
+def remote_code(s: Setup) -> Iterator[Finding]:
+    """A repository with its own modelling code (config.json `auto_map`) loads only with --trust-remote-code
+    when the engine does not know the architecture (it may need it anyway when transformers lacks the type)."""
+    m = s.model
+    if m is None or not m.remote_code or s.args.get("trust-remote-code") is True:
+        return
+    known = not s.facts.architectures or m.architecture in s.facts.architectures
+    yield Finding(code="trust-remote-code", severity=WARNING if known else ERROR,
+                  message=f"{m.id} ships its own modelling code (config.json auto_map): " + (
+                      f"vLLM {s.facts.version} has {m.architecture} built in, but reading its config may still "
+                      "need the repository's code" if known else
+                      f"vLLM {s.facts.version} does not know {m.architecture}; it loads only with the "
+                      "repository's code (\"requires you to execute the configuration file\")"),
+                  fix="--set trust-remote-code=true (engine_args: {trust-remote-code: true}) runs the repository's "
+                      "Python code on every host: review it first")
+
+
 COMMON: tuple[Callable[[Setup], Iterator[Finding]], ...] = (
     enough_gpus, heads_divisible, kv_heads_divisible, vocab_divisible, even_gpus, compute_capability,
-    driver_recent, memory_fits,
+    driver_recent, memory_fits, remote_code,
 )
 
 

@@ -21,6 +21,16 @@ TpOpt = typer.Option(None, "--tp", min=1, help="tensor parallel size")
 PpOpt = typer.Option(None, "--pp", min=1, help="pipeline parallel size")
 HostsOpt = typer.Option(None, "--hosts", help="comma-separated host names to use")
 JsonOpt = typer.Option(False, "--json", help="print one JSON object on stdout")
+OfflineOpt = typer.Option(False, "--offline", help="plan without asking the model hub from this machine: a model "
+                          "outside the catalog is read from the cache only (~/.cache/gpucluster/hub); also "
+                          "GPUCLUSTER_OFFLINE=1")
+
+
+def _offline(flag: bool) -> None:
+    """--offline reaches every plan this command builds (cluster/hub.py reads it)."""
+    if flag:
+        import os
+        os.environ["GPUCLUSTER_OFFLINE"] = "1"
 
 
 def _hosts(value: str | None) -> list[str] | None:
@@ -47,10 +57,11 @@ def _root() -> None:
 def plan(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, model: Optional[str] = ModelOpt,
          tp: Optional[int] = TpOpt, pp: Optional[int] = PpOpt, hosts: Optional[str] = HostsOpt,
          set_: Optional[List[str]] = typer.Option(None, "--set", help="engine arg override KEY=VALUE (repeatable)"),
-         json_: bool = JsonOpt,
+         json_: bool = JsonOpt, offline: bool = OfflineOpt,
          format_: str = typer.Option("table", "--format", help="table | json | sh")) -> None:
     """Offline: every finding that would make the deployment fail, and the exact steps `up` runs per host."""
     from . import config, ops, render
+    _offline(offline)
     if format_ not in ("table", "json", "sh"):
         raise config.ConfigError(f"--format {format_!r}: use table, json or sh")
     inv, prof = ops.load(inventory, profile=profile, model=model, hosts=_hosts(hosts))
@@ -91,10 +102,17 @@ def _alternatives_text(alts: list) -> str:
 
 AcceptOpt = typer.Option(False, "--accept-new-host-keys", help="trust and record unknown SSH host keys")
 YesOpt = typer.Option(False, "--yes", "-y", help="do not ask for confirmation")
+BreakLockOpt = typer.Option(False, "--break-lock", help=(
+    "take the cluster lease even while another operation holds it (when that operation is gone)"))
 
 
 def _progress(quiet: bool):
     return (lambda s: None) if quiet else (lambda s: err(f"gpucluster: {s}"))
+
+
+def _notice(text: str) -> None:
+    """Said whatever --quiet or --json: a lease taken over, broken or lost."""
+    err(f"gpucluster: warning: {text}")
 
 
 def _confirm(yes: bool, question: str) -> None:
@@ -140,17 +158,19 @@ def up(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, model
        set_: Optional[List[str]] = typer.Option(None, "--set", help="engine arg override KEY=VALUE (repeatable)"),
        yes: bool = YesOpt, dry_run: bool = typer.Option(False, "--dry-run", help=(
            "connect, run only the read-only checks, and print per host what would run and what is skipped")),
-       json_: bool = JsonOpt, accept: bool = AcceptOpt,
+       json_: bool = JsonOpt, accept: bool = AcceptOpt, break_lock: bool = BreakLockOpt,
        ready_timeout: float = typer.Option(1800, "--ready-timeout", help="seconds to wait for the model to load"),
        join_timeout: float = typer.Option(180, "--join-timeout", "--ray-timeout",
                                           help="seconds to wait for every host to join the engine's cluster"),
-       quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr")) -> None:
+       quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr"),
+       offline: bool = OfflineOpt) -> None:
     """Probe, then run the plan's steps: image, model, engine containers, API server; wait until it answers."""
     from . import config, ops, render
+    _offline(offline)
     inv, prof = ops.load(inventory, profile=profile, model=model, hosts=_hosts(hosts))
     result = ops.up(inv, prof, dry_run=dry_run, progress=_progress(quiet or json_ or dry_run),
                     accept_new_host_keys=accept, tp=tp, pp=pp, sets=config.parse_set(set_ or []),
-                    ready_timeout=ready_timeout, join_timeout=join_timeout)
+                    ready_timeout=ready_timeout, join_timeout=join_timeout, break_lock=break_lock, notice=_notice)
     if json_:
         _emit(result.as_dict())
         return
@@ -170,14 +190,15 @@ def up(inventory: str = InventoryArg, profile: Optional[str] = ProfileOpt, model
 def down(inventory: str = InventoryArg, purge_model: bool = typer.Option(False, "--purge-model",
          help="also delete the model files on the hosts"), yes: bool = YesOpt, json_: bool = JsonOpt,
          dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed, remove nothing"),
-         accept: bool = AcceptOpt) -> None:
+         accept: bool = AcceptOpt, break_lock: bool = BreakLockOpt) -> None:
     """Remove exactly this cluster's containers (workers, then heads, then helpers) and its files on the hosts."""
     from . import config, ops, render
     inv = config.load_inventory(inventory)
     if not dry_run:
         _confirm(yes, f"remove every gpucluster container of cluster {inv.cluster.name!r} on {len(inv.hosts)} "
                  "host(s)" + (" and the model files" if purge_model else ""))
-    report = ops.down(inv, purge_model=purge_model, dry_run=dry_run, accept_new_host_keys=accept)
+    report = ops.down(inv, purge_model=purge_model, dry_run=dry_run, accept_new_host_keys=accept,
+                      break_lock=break_lock, notice=_notice)
     if json_:
         _emit({"dry_run": dry_run, "steps": [o.as_dict() for o in report.outcomes],
                "plan": [o.step.as_dict() for o in report.outcomes]})
@@ -186,7 +207,7 @@ def down(inventory: str = InventoryArg, purge_model: bool = typer.Option(False, 
     else:
         done = {}
         for o in report.outcomes:
-            if o.status == "ran":
+            if o.status == "ran" and o.step.phase not in ("lock", "unlock"):
                 done.setdefault(o.step.host, []).append(o.why)
         for h in inv.hosts:
             sys.stdout.write(f"{h.name}: {'; '.join(done.get(h.name, [])) or 'nothing to remove'}\n")
@@ -196,8 +217,9 @@ def down(inventory: str = InventoryArg, purge_model: bool = typer.Option(False, 
 def status(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = AcceptOpt) -> None:
     """Containers per host, the engine's own view (e.g. Ray nodes and GPUs), API health; exit 0 only when healthy."""
     from . import ops
-    inv, prof = ops.load(inventory)
-    healthy, out = ops.status(inv, prof, accept_new_host_keys=accept)
+    from . import config
+    inv = config.load_inventory(inventory)      # the profile only matters when no deployment is recorded
+    healthy, out = ops.status(inv, lambda: ops.load(inventory), accept_new_host_keys=accept)
     if json_:
         _emit(out)
     else:
@@ -211,6 +233,8 @@ def status(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = 
             sys.stdout.write(line + "\n")
         sys.stdout.write(f"api: {'healthy' if out['api']['health'] else 'not answering'}"
                          f"{', serving ' + ', '.join(out['api']['models']) if out['api']['models'] else ''}\n")
+        for note in out["notes"]:
+            sys.stdout.write(f"NOTE {note}\n")
         for problem in out["problems"]:
             sys.stdout.write(f"PROBLEM {problem}\n")
         sys.stdout.write(f"{'healthy' if healthy else 'unhealthy'}: {out['endpoint']}\n")
@@ -223,7 +247,8 @@ def logs(inventory: str = InventoryArg, host: Optional[str] = typer.Option(None,
          follow: bool = typer.Option(False, "--follow", "-f"), tail: int = typer.Option(100, "--tail", min=0)) -> None:
     """Logs from the hosts' containers, each line prefixed by host and component."""
     from . import ops
-    inv, prof = ops.load(inventory)
+    from . import config
+    inv = config.load_inventory(inventory)
     lock = __import__("threading").Lock()
 
     def sink(line: str) -> None:
@@ -231,18 +256,25 @@ def logs(inventory: str = InventoryArg, host: Optional[str] = typer.Option(None,
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
     try:
-        code = ops.logs(inv, prof, host=host, component=component, tail=tail, follow=follow, sink=sink)
+        code = ops.logs(inv, lambda: ops.load(inventory), host=host, component=component, tail=tail, follow=follow,
+                        sink=sink)
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(0 if code == 0 else 1)
 
 
 @app.command()
-def doctor(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = AcceptOpt) -> None:
+def doctor(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = AcceptOpt,
+           offline: bool = OfflineOpt,
+           logs: bool = typer.Option(False, "--logs", help=(
+               "also read the deployment's container logs on every host (running or exited) and explain known "
+               "failures: cause and fix (exit 1 when one is an error)")),
+           tail: int = typer.Option(200, "--tail", min=1, max=5000, help="log lines per container for --logs")) -> None:
     """Probe the hosts and re-plan with what was measured: every problem `up` would hit, changing nothing."""
     from . import ops, render
+    _offline(offline)
     inv, prof = ops.load(inventory)
-    p, found = ops.doctor(inv, prof, accept_new_host_keys=accept)
+    p, found = ops.doctor(inv, prof, accept_new_host_keys=accept, logs=logs, tail=tail)
     unreachable = [n for n, h in found["hosts"].items() if not h["reachable"]]
     if json_:
         _emit({**p.as_dict(), **found})
@@ -251,7 +283,25 @@ def doctor(inventory: str = InventoryArg, json_: bool = JsonOpt, accept: bool = 
             for c in issues:
                 sys.stdout.write(f"{name}: {c}\n")
         sys.stdout.write(render.table(p) + "\n")
-    raise typer.Exit(3 if unreachable else (1 if p.verdict == "fail" else 0))
+        if logs:
+            sys.stdout.write(_log_findings_text(found["logs"]))
+    log_errors = bool(found.get("logs", {}).get("errors"))
+    raise typer.Exit(3 if unreachable else (1 if p.verdict == "fail" or log_errors else 0))
+
+
+def _log_findings_text(scan: dict) -> str:
+    """doctor --logs: each container's log read, then one block per known failure (cause, fix, excerpt)."""
+    lines = ["", f"logs (the last {scan['tail']} lines of each container):"]
+    for row in scan["sources"]:
+        what = f"{row['lines']} lines" if row["status"] == "ok" else row["status"]
+        lines.append(f"  {row['host']} {row['component']}: {what}")
+    for f in scan["findings"]:
+        where = ", ".join(f["seen"]) or f"{f['host']} {f['component']}"
+        lines += [f"{f['severity'].upper()} {where}: {f['code']}: {f['message']}", f"    fix: {f['fix']}",
+                  f"    log: {f['excerpt']}"]
+    if not scan["findings"]:
+        lines.append("no known failure in the logs")
+    return "\n".join(lines) + "\n"
 
 
 model_app = typer.Typer(help="Model files on the hosts.", no_args_is_help=True)
@@ -262,12 +312,15 @@ app.add_typer(model_app, name="model")
 def model_pull(inventory: str = InventoryArg, model: Optional[str] = ModelOpt, json_: bool = JsonOpt,
                accept: bool = AcceptOpt, verify: bool = typer.Option(
                    False, "--verify", help="re-list the source and sha256 every file on every host"),
-               dry_run: bool = typer.Option(False, "--dry-run", help="only the checks: what would be fetched")) -> None:
+               dry_run: bool = typer.Option(False, "--dry-run", help="only the checks: what would be fetched"),
+               break_lock: bool = BreakLockOpt,
+               offline: bool = OfflineOpt) -> None:
     """Put the model on every host that needs it (the image and model phases of `up`, alone)."""
     from . import ops, render
+    _offline(offline)
     inv, prof = ops.load(inventory, model=model)
     result, report = ops.model_pull(inv, prof, progress=_progress(json_), accept_new_host_keys=accept,
-                                    verify=verify, dry_run=dry_run)
+                                    verify=verify, dry_run=dry_run, break_lock=break_lock, notice=_notice)
     if json_:
         _emit({"hosts": result, "steps": [o.as_dict() for o in report.outcomes]})
     elif dry_run:
@@ -287,13 +340,14 @@ def check_network(inventory: str = InventoryArg, profile: Optional[str] = Profil
                   port: int = typer.Option(29555, "--port", min=1024, max=65535, help="rendezvous port on the head"),
                   dry_run: bool = typer.Option(False, "--dry-run", help="connect, run only the read-only checks, "
                                                "and print the steps"),
-                  json_: bool = JsonOpt, accept: bool = AcceptOpt,
+                  json_: bool = JsonOpt, accept: bool = AcceptOpt, break_lock: bool = BreakLockOpt,
                   quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr")) -> None:
     """torch.distributed on every host at once in the deployment's image (NCCL and GLOO all-reduce), per host."""
     from . import netcheck, ops, render
     inv, prof = ops.load(inventory, profile=profile, hosts=_hosts(hosts))
     result = netcheck.check_network(inv, prof, timeout=timeout, port=port, dry_run=dry_run,
-                                    progress=_progress(quiet or json_ or dry_run), accept_new_host_keys=accept)
+                                    progress=_progress(quiet or json_ or dry_run), accept_new_host_keys=accept,
+                                    break_lock=break_lock, notice=_notice)
     if json_:
         _emit(result.as_dict())
     elif dry_run:

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
 import time
 from typing import Any, Callable
 
-from . import config, facts, models
+from . import config, facts, failures, models, record
+from . import lease as leases
 from . import plan as planner
-from .checks import ERROR, Finding
+from .checks import ERROR, WARNING, Finding
 from .config import Host, Inventory, Profile
 from .containers import LABEL, removal_probe
 from .deployment import SECRETS_DIR
 from .delivery.model_steps import STATE_DIR, model_paths
-from .errors import ConfigError, GpuclusterError, LockHeld, RemoteError
+from .errors import ConfigError, GpuclusterError, RemoteError
 from .executor import Executor, PhaseFailed, Report, http
-from .steps import Check, Cmd, Put, Step
+from .steps import Check, Cmd, Step
 
 Progress = Callable[[str], None]
-LOCK_DIR = "/tmp/gpucluster-{cluster}.lock"
 
 
 def _quiet(_: str) -> None:
@@ -47,15 +46,22 @@ def load(inventory_path: str, *, profile: str | None = None, model: str | None =
     ref = profile or inv.deploy.profile
     if ref in (None, "auto"):   # the first alternative that passes every check (cluster/alternatives.py)
         from . import alternatives
-        model_facts = models.load(inv.deploy.model, file=inv.path, line=inv.lines.get("deploy.model"))
+        model_facts = models.load(inv.deploy.model, source=inv.deploy.source, file=inv.path,
+                                  line=inv.lines.get("deploy.model"))
         inv, prof, _ = alternatives.auto(inv, model_facts)
         return inv, prof
     return inv, config.load_profile(ref, inventory=inv)
 
 
 def make_plan(inv: Inventory, prof: Profile, *, extra_findings: tuple = (), **kw: Any) -> planner.Plan:
-    model = models.load(inv.deploy.model, file=inv.path, line=inv.lines.get("deploy.model"))
-    return planner.build(inv, prof, model=model, extra_findings=extra_findings, **kw)
+    found = models.lookup(inv.deploy.model, source=inv.deploy.source, file=inv.path,
+                          line=inv.lines.get("deploy.model"))
+    if found.problem:   # the hub could not tell: the plan goes on without the model checks (model-unknown)
+        extra_findings = (*extra_findings, Finding(
+            code="model-hub-error", severity=WARNING, message=found.problem,
+            fix="check deploy.source (endpoint, revision, token) and this machine's access to it (facts are "
+                "cached under ~/.cache/gpucluster/hub once read), or plan with --offline"))
+    return planner.build(inv, prof, model=found.facts, extra_findings=extra_findings, **kw)
 
 
 class PlanFailed(GpuclusterError):
@@ -69,24 +75,14 @@ class PlanFailed(GpuclusterError):
                          + (f"; and {len(errors) - 3} more (gpucluster plan / doctor)" if len(errors) > 3 else ""))
 
 
-def lock_steps(inv: Inventory, head: Host, operation: str) -> tuple[list[Step], list[Step]]:
-    """(take, release): a lock folder on the head that a second concurrent operation finds."""
-    path = LOCK_DIR.format(cluster=inv.cluster.name)
-    held = ('if [ -d "$0" ]; then echo "fail another gpucluster operation holds the lock ($(cat "$0/owner" '
-            '2>/dev/null || echo unknown)); if none is running, remove $0 on this host"; else echo "run not held"; fi')
-    take = Step(id=f"{head.name}/lock", host=head.name, phase="lock", readonly=True, check=Check(argv=("sh", "-c", held,
-                                                                                                     path)),
-                reason=f"take the cluster lock {path}",
-                ops=(Cmd(argv=("mkdir", "-m", "700", path)),
-                     Put(path=f"{path}/owner", text=f"gpucluster {operation} from {socket.gethostname()}\n")))
-    release = Step(id=f"{head.name}/unlock", host=head.name, phase="unlock", readonly=True,
-                   reason="release the cluster lock", ops=(Cmd(argv=("rm", "-rf", path)),))
-    return [take], [release]
+def lock_steps(lease: leases.Lease) -> tuple[list[Step], list[Step]]:
+    """(take, release): the cluster lease on the inventory's head (cluster/lease.py), phases lock and unlock."""
+    return lease.steps()
 
 
-def up_steps(plan: planner.Plan) -> tuple[list[Step], list[Step], list[Step]]:
-    """What `up` runs, in order: take the lock, the plan's steps, release the lock (the one place they are joined)."""
-    take, release = lock_steps(plan.inventory, plan.deployment.head, "up")
+def up_steps(plan: planner.Plan, lease: leases.Lease | None = None) -> tuple[list[Step], list[Step], list[Step]]:
+    """What `up` runs, in order: take the lease, the plan's steps, release the lease (the one place they are joined)."""
+    take, release = lock_steps(lease or leases.for_operation(plan.inventory, "up"))
     return take, list(plan.steps), release
 
 
@@ -223,7 +219,7 @@ class UpResult:
 
 
 def up(inv: Inventory, prof: Profile, *, dry_run: bool = False, progress: Progress = _quiet,
-       accept_new_host_keys: bool = False, **kw: Any) -> UpResult:
+       accept_new_host_keys: bool = False, break_lock: bool = False, notice: Progress = _quiet, **kw: Any) -> UpResult:
     """Bring the deployment to the planned state; with dry_run, say per step what would run or be skipped."""
     t0 = time.time()
     first = make_plan(inv, prof, **kw)
@@ -237,26 +233,97 @@ def up(inv: Inventory, prof: Profile, *, dry_run: bool = False, progress: Progre
         if plan.verdict == "fail":
             raise PlanFailed(plan, "with the measured host facts")
         plan_s = time.time() - t0
-        take, body, release = up_steps(plan)
-        ex = Executor(hosts, progress)
-        if dry_run:
-            report = ex.evaluate([*take, *body, *release])
+        lease = leases.for_operation(plan.inventory, "up", break_lock=break_lock)
+        take, body, release = up_steps(plan, lease)
+        if dry_run:     # the lease's check only: a dry run never takes it
+            report = Executor(hosts, progress).evaluate([*take, *body, *release])
             return UpResult(plan, report, dry_run=True)
         try:
-            report = ex.execute(take)
-        except PhaseFailed as e:
-            why = e.failed[0].why
-            raise (LockHeld(why) if why.startswith("another gpucluster operation") else e) from None
-        try:
-            report = _merge(report, ex.execute(body))
-        finally:
-            report = _merge(report, ex.execute(release))
+            with leases.Held(lease, hosts, progress=progress, notice=notice) as held:
+                done = held.executor.execute(body)
+        except PhaseFailed as e:    # an engine phase: add the causes its logs show (never instead of the failure)
+            explained = explain_failure(e, plan, hosts, progress)
+            if explained is e:
+                raise
+            raise explained from None
+        report = _merge(_merge(held.taken, done), held.released)
         report.phases = {"plan+probe": plan_s, **report.phases}
         return UpResult(plan, report)
 
 
 def _merge(a: Report, b: Report) -> Report:
     return Report(outcomes=a.outcomes + b.outcomes, phases={**a.phases, **b.phases})
+
+
+# ---------------------------------------------------------------- failures explained from the logs
+LOG_TAIL = 200           # lines per container read to explain a failure
+LOG_TIMEOUT = 20.0       # seconds one log read may take: the failure itself is reported whatever happens here
+
+
+class ExplainedFailure(PhaseFailed):
+    """A failed engine phase of `up`, with the known causes its containers' logs show (cluster/failures.py)."""
+
+    def __init__(self, original: PhaseFailed, causes: list):
+        self.report, self.failed, self.phase, self.causes = original.report, original.failed, original.phase, causes
+        self.original = original
+        # the causes first: the original failure stays the message's last line(s)
+        Exception.__init__(self, "the logs show why:\n  " + "\n  ".join(failures.summary(causes)) + "\n"
+                           + str(original))
+
+
+def read_logs(d, hosts, names, *, tail: int = LOG_TAIL, timeout: float = LOG_TIMEOUT) -> list[dict]:
+    """The last `tail` lines of the deployment's containers on the hosts `names` (running or exited), explained:
+    per source its host, component, status and findings. Never raises for a host or a container."""
+    sources = [s for s in d.engine.logs(d, tail=tail, follow=False) if s.host in names]
+
+    def one(src):
+        h = hosts.host(src.host)
+        r = hosts.run(h, list(src.argv), timeout=timeout)
+        fallback = failures.stopped_fallback(src.argv) if not r.ok else None
+        if fallback:        # a log file inside a container that has exited: docker cp still reads it
+            again = hosts.run(h, list(fallback), timeout=timeout)
+            if again.ok and again.stdout.strip():
+                r = again
+        return r
+    results = hosts.each(sources, one, key=lambda s: f"{s.host} {s.component}")
+    out = []
+    for src in sources:
+        r = results[f"{src.host} {src.component}"]
+        row: dict[str, Any] = {"host": src.host, "component": src.component, "lines": 0, "findings": []}
+        if isinstance(r, BaseException):
+            row["status"] = "unreachable: " + failures.clean(_remote().describe(r))[:200]
+        elif not r.ok and "No such container" in r.stderr:
+            row["status"] = "no container"
+        else:
+            lines = failures.lines_of([r.stdout, r.stderr])
+            row["lines"] = len(lines)
+            row["status"] = "ok" if r.ok else f"exit {r.rc}: {failures.clean(r.last_line())[:200]}"
+            row["findings"] = failures.explain(lines, host=src.host, component=src.component)
+        out.append(row)
+    return out
+
+
+def explain_failure(e: PhaseFailed, plan: planner.Plan, hosts, progress: Progress = _quiet) -> PhaseFailed:
+    """`e` with the causes the logs show, or `e` itself (not an engine phase, nothing known, logs unreadable)."""
+    try:
+        d = plan.deployment
+        if e.phase not in {s.phase for s in d.engine.steps(d, join_timeout=1, ready_timeout=1)}:
+            return e
+        nodes = [h.name for h in d.hosts]
+        failed = {o.step.host for o in e.failed}
+        # a wait that watches other hosts (joined, readiness from this machine) failed: any host's log may say why
+        watching = any(o.step.readonly or o.step.host not in nodes for o in e.failed)
+        names = nodes if watching else [n for n in nodes if n in failed]
+        progress(f"== explain: the last {LOG_TAIL} log lines on {', '.join(names)}")
+        found = [f for row in read_logs(d, hosts, names) for f in row["findings"]]
+        codes = {f.code for f in found}
+        for o in e.failed:      # the failure's own text (e.g. a container the runtime refused to start)
+            found += [f for f in failures.explain(o.why.splitlines(), host=o.step.host,
+                                                  component=o.step.id.split("/", 1)[-1]) if f.code not in codes]
+        causes = failures.merge(found)
+    except Exception:  # noqa: BLE001 - reading the logs must never hide the failure itself
+        return e
+    return ExplainedFailure(e, causes) if causes else e
 
 
 # ---------------------------------------------------------------- down
@@ -268,7 +335,7 @@ def down_steps(inv: Inventory, *, purge_model: bool = False) -> list[Step]:
                   reason=f"remove cluster {cluster}'s {node} containers ({LABEL}.node={node})")
              for node in ("worker", "head", "aux") for h in inv.hosts]
     for h in inv.hosts:
-        paths = [f"{SECRETS_DIR}/{cluster}", f"{STATE_DIR}/{cluster}/{h.name}"]
+        paths = [f"{SECRETS_DIR}/{cluster}", f"{STATE_DIR}/{cluster}/{h.name}", record.PATH.format(cluster=cluster)]
         local = inv.deploy.source.kind == "local" or models.is_local(inv.deploy.model)
         if purge_model and not local:
             paths.append(model_paths(inv, h)[0])
@@ -281,26 +348,66 @@ def down_steps(inv: Inventory, *, purge_model: bool = False) -> list[Step]:
 
 
 def down(inv: Inventory, *, purge_model: bool = False, dry_run: bool = False, progress: Progress = _quiet,
-         accept_new_host_keys: bool = False) -> Report:
+         accept_new_host_keys: bool = False, break_lock: bool = False, notice: Progress = _quiet) -> Report:
     """Remove exactly this cluster's labelled containers on every host; needs only the inventory."""
     steps = down_steps(inv, purge_model=purge_model)
+    lease = leases.for_operation(inv, "down", break_lock=break_lock)
+    take, release = lock_steps(lease)
     with _remote().Hosts(inv, accept_new_host_keys=accept_new_host_keys) as hosts:
-        ex = Executor(hosts, progress)
         if dry_run:
-            return ex.evaluate(steps)
-        try:
-            return ex.execute(steps, keep_going=True)
-        except PhaseFailed as e:   # the reachable hosts were still cleaned
-            raise RemoteError("down", {o.step.host: o.why for o in e.failed}) from None
+            return Executor(hosts, progress).evaluate([*take, *steps, *release])
+        with leases.Held(lease, hosts, progress=progress, notice=notice) as held:
+            try:
+                done = held.executor.execute(steps, keep_going=True)
+            except PhaseFailed as e:   # the reachable hosts were still cleaned
+                raise RemoteError("down", {o.step.host: o.why for o in e.failed}) from None
+        return _merge(_merge(held.taken, done), held.released)
 
 
 # ---------------------------------------------------------------- status / logs / doctor / pull
-def status(inv: Inventory, prof: Profile, *, accept_new_host_keys: bool = False) -> tuple[bool, dict]:
-    """Containers per host, the engine's own view, API health; healthy only when all the plan needs is."""
-    plan = make_plan(inv, prof)
-    d = plan.deployment
-    out: dict[str, Any] = {"cluster": inv.cluster.name, "endpoint": plan.endpoint, "hosts": {}, "problems": []}
+def recorded(inv: Inventory, hosts) -> dict | None:
+    """The deployment `up` recorded on the inventory's hosts (the version most of them hold), or None."""
+    path = record.PATH.format(cluster=inv.cluster.name)
+    found = {name: r.stdout for name, r in hosts.each(inv.hosts, lambda h: hosts.check(h, ["cat", path], timeout=30)
+                                                         ).items() if not isinstance(r, BaseException) and r.ok}
+    return record.choose(found)
+
+
+def running_plan(inv: Inventory, rec: dict) -> planner.Plan:
+    """The plan of the recorded deployment, with today's inventory for addresses, SSH and secrets."""
+    gone = [n for n in rec["nodes"] if n not in {h.name for h in inv.hosts}]
+    if gone:
+        raise ConfigError(f"the running deployment (as `up` recorded it) includes {', '.join(gone)}, which the "
+                          "inventory no longer lists", file=inv.path, field="hosts",
+                          fix="add the host back to check it, or `gpucluster down` with the old inventory")
+    inv = dataclasses.replace(inv, deploy=dataclasses.replace(inv.deploy, model=rec["model"]))
+    return make_plan(inv, record.profile(rec, inv), tp=rec["tensor_parallel"], pp=rec["pipeline_parallel"],
+                     hosts=rec["nodes"], sets=rec["sets"])
+
+
+def status(inv: Inventory, load_planned: Callable[[], tuple[Inventory, Profile]], *,
+           accept_new_host_keys: bool = False) -> tuple[bool, dict]:
+    """Judge the deployment `up` recorded on the hosts (today's inventory only when none is recorded): containers
+    per host, the engine's own view, API health; healthy only when all of it is there."""
     with _remote().Hosts(inv, accept_new_host_keys=accept_new_host_keys) as hosts:
+        rec = recorded(inv, hosts)
+        notes: list[str] = []
+        if rec is None:
+            plan = make_plan(*load_planned())
+            notes.append("no deployment is recorded on the hosts: judging what the inventory plans")
+        else:
+            plan = running_plan(inv, rec)
+            try:
+                planned = make_plan(*load_planned()).deployment
+                notes += [f"the inventory differs: {x} (`gpucluster up` would change it)"
+                          for x in record.differences(rec, record.content(planned, {}))]
+            except GpuclusterError as e:
+                notes.append(f"the inventory's own plan cannot be built ({e}); judging what runs")
+        d = plan.deployment
+        out: dict[str, Any] = {"cluster": inv.cluster.name, "endpoint": plan.endpoint, "recorded": rec is not None,
+                               "topology": plan.topology.as_dict(), "image": d.profile.image, "notes": notes,
+                               "hosts": {}, "problems": []}
+
         def labelled(h: Host) -> list:
             r = hosts.check(h, ["docker", "ps", "-aq", "--filter", f"label={LABEL}.cluster={inv.cluster.name}"])
             ids = r.stdout.split()
@@ -347,9 +454,12 @@ def _model_ids(text: str) -> list[str]:
     return [str(m.get("id")) for m in doc.get("data", []) if isinstance(m, dict)] if isinstance(doc, dict) else []
 
 
-def logs(inv: Inventory, prof: Profile, *, host: str | None = None, component: str | None = None,
-         tail: int = 100, follow: bool = False, sink: Callable[[str], None]) -> int:
-    plan = make_plan(inv, prof)
+def logs(inv: Inventory, load_planned: Callable[[], tuple[Inventory, Profile]], *, host: str | None = None,
+         component: str | None = None, tail: int = 100, follow: bool = False, sink: Callable[[str], None]) -> int:
+    """The logs of the deployment `up` recorded (today's inventory's plan when none is recorded)."""
+    with _remote().Hosts(inv) as hosts:
+        rec = recorded(inv, hosts)
+    plan = make_plan(*load_planned()) if rec is None else running_plan(inv, rec)
     d = plan.deployment
     if host and host not in plan.topology.nodes:
         raise ConfigError(f"--host {host}: not a host of this deployment",
@@ -370,23 +480,73 @@ def logs(inv: Inventory, prof: Profile, *, host: str | None = None, component: s
     return max(results.values(), default=0)
 
 
-def doctor(inv: Inventory, prof: Profile, *, accept_new_host_keys: bool = False) -> tuple[planner.Plan, dict]:
-    """Probe every host, compare with the inventory, and re-plan with what was measured. Changes nothing."""
+def doctor(inv: Inventory, prof: Profile, *, accept_new_host_keys: bool = False, logs: bool = False,
+           tail: int = LOG_TAIL) -> tuple[planner.Plan, dict]:
+    """Probe every host, compare with the inventory, and re-plan with what was measured; with `logs`, also explain
+    the deployment's container logs on every host (running or exited) by known failure signatures. Changes nothing."""
     probed = probe(inv, accept_new_host_keys=accept_new_host_keys)
     contradictions = {h.name: facts.contradictions(h, probed[h.name]) for h in inv.hosts}
     plan = make_plan(facts.measured(inv, probed), prof)
-    plan = dataclasses.replace(plan, findings=plan.findings + tuple(measured_findings(plan, probed)))
-    return plan, {"hosts": {n: f.as_dict() for n, f in probed.items()}, "contradictions": contradictions}
+    found = measured_findings(plan, probed) + image_check_findings(plan, probed, accept_new_host_keys)
+    plan = dataclasses.replace(plan, findings=plan.findings + tuple(found))
+    out = {"hosts": {n: f.as_dict() for n, f in probed.items()}, "contradictions": contradictions}
+    if logs:
+        out["logs"] = scan_logs(plan, accept_new_host_keys=accept_new_host_keys, tail=tail)
+    return plan, out
+
+
+def scan_logs(plan: planner.Plan, *, accept_new_host_keys: bool = False, tail: int = LOG_TAIL) -> dict:
+    """Every container log of the deployment explained: per source its status; the findings merged per code."""
+    d = plan.deployment
+    with _remote().Hosts(plan.inventory, accept_new_host_keys=accept_new_host_keys) as hosts:
+        rows = read_logs(d, hosts, [h.name for h in d.hosts], tail=tail)
+    found = failures.merge(f for row in rows for f in row.pop("findings"))
+    return {"tail": tail, "sources": rows, "findings": [f.as_dict() for f in found],
+            "errors": sum(f.severity == ERROR for f in found)}
+
+
+def image_check_findings(plan: planner.Plan, probed: dict[str, facts.HostFacts],
+                         accept_new_host_keys: bool = False) -> list[Finding]:
+    """The image-check steps of `up` on every reachable host that already has the image (read-only)."""
+    steps = [s for s in plan.steps if s.phase == "image-check" and probed[s.host].reachable]
+    if not steps:
+        return []
+    with _remote().Hosts(plan.inventory, accept_new_host_keys=accept_new_host_keys) as hosts:
+        try:
+            outcomes = Executor(hosts).execute(steps, keep_going=True).outcomes
+        except PhaseFailed as e:
+            outcomes = e.report.outcomes
+    found = []
+    for o in outcomes:
+        if o.status != "failed":
+            continue
+        if "No such image" in o.why or "Unable to find image" in o.why:
+            found.append(Finding(code="image-absent", severity=WARNING, message=f"{o.step.host}: "
+                                 f"{plan.deployment.profile.image} is not pulled yet, so its torch was not checked",
+                                 fix="`gpucluster up` checks it right after the pull (or `gpucluster model pull` first)"))
+            continue
+        code, _, rest = o.why.partition(": ")
+        code = code if code in ("compute-capability", "no-gpu") else "image-check"
+        found.append(Finding(code=code, severity=ERROR, message=f"{o.step.host}: {rest if code != 'image-check' else o.why}",
+                             fix="use an image whose torch supports these GPUs (gpucluster plan --profile auto)"))
+    return found
 
 
 def model_pull(inv: Inventory, prof: Profile, *, progress: Progress = _quiet, accept_new_host_keys: bool = False,
-               verify: bool = False, dry_run: bool = False) -> tuple[dict[str, str], Report]:
+               verify: bool = False, dry_run: bool = False, break_lock: bool = False,
+               notice: Progress = _quiet) -> tuple[dict[str, str], Report]:
     """The image and model phases of `up`, alone: host -> present | what was done."""
     plan = make_plan(inv, prof, verify=verify)
     steps = planner.model_steps(plan)
+    lease = leases.for_operation(plan.inventory, "model pull", break_lock=break_lock)
+    take, release = lock_steps(lease)
     with _remote().Hosts(inv, accept_new_host_keys=accept_new_host_keys) as hosts:
-        ex = Executor(hosts, progress)
-        report = ex.evaluate(steps) if dry_run else ex.execute(steps)
+        if dry_run:
+            report = Executor(hosts, progress).evaluate([*take, *steps, *release])
+        else:
+            with leases.Held(lease, hosts, progress=progress, notice=notice) as held:
+                done = held.executor.execute(steps)
+            report = _merge(_merge(held.taken, done), held.released)
     by_id = {o.step.id: o for o in report.outcomes}
     out = {}
     for h in plan.deployment.hosts:

@@ -10,7 +10,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
-from . import checks, engines
+from . import checks, engines, record
 from .checks import ERROR, WARNING, Finding, Setup
 from .config import Host, Inventory, Profile, Secret, flag_name
 from .delivery.model_steps import ModelJob, fanout_steps, head_steps
@@ -248,7 +248,7 @@ def build(inventory: Inventory, profile: Profile, *, model: ModelFacts | None, t
     job = ModelJob(inventory=inventory, hosts=setup.hosts, image=profile.image, verify=verify,
                    transfer_token=transfer_token or Secret(literal=secrets.token_hex(24)))
     steps = [*stray_steps(d), *image_steps(d), *image_check_steps(d), *head_steps(job), *fanout_steps(job),
-             *engine.steps(d, join_timeout=join_timeout, ready_timeout=ready_timeout)]
+             *engine.steps(d, join_timeout=join_timeout, ready_timeout=ready_timeout), *record.steps(d, sets or {})]
     return Plan(deployment=d, model=model, findings=tuple(findings), memory=setup.memory(), steps=tuple(steps))
 
 

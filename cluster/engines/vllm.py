@@ -177,7 +177,8 @@ def flags_supported(s: Setup) -> Iterator[Finding]:
 def batched_tokens_cover_len(s: Setup) -> Iterator[Finding]:
     m = s.memory()
     over = s.facts.chunked_prefill_over
-    chunked = s.args.get("enable-chunked-prefill") is True or (over is not None and m and m.max_model_len > over)
+    chunked = (s.args.get("enable-chunked-prefill") is True or (m is not None and m.generation == "v1")
+               or (over is not None and m and m.max_model_len > over))     # V1 always chunks prefill
     if m and not chunked and m.batched_tokens < m.max_model_len:
         yield Finding(code="batched-tokens-too-small", severity=ERROR,
                       message=f"max_num_batched_tokens ({m.batched_tokens}) is smaller than max_model_len "
