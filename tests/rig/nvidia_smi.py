@@ -2,7 +2,9 @@
 """Prints what nvidia-smi prints on a host with the GPUs described in a JSON file:
 $NVIDIA_SMI_STANDIN_CONFIG, else ../gpus.json next to this script's directory, else
 /etc/gpucluster-rig/gpus.json (inside containers). Keys: count, name, memory_mib,
-compute_capability, driver, memory_used_mib / memory_reserved_mib (optional), host (for stable UUIDs).
+compute_capability, driver, memory_used_mib / memory_reserved_mib (optional), host (for stable UUIDs),
+processes (optional: [{"gpu": 0, "pid": 4242, "name": "python3", "used_mib": 9000}], what
+--query-compute-apps lists and memory.used counts; a real nvidia-smi lists nothing when no process holds a GPU).
 """
 import hashlib
 import json
@@ -33,7 +35,8 @@ def gpus(cfg):
     for i in range(int(cfg.get("count", 0))):
         u = hashlib.sha256(("%s/%d" % (cfg.get("host", "rig"), i)).encode()).hexdigest()
         total = int(cfg.get("memory_mib", 16160))
-        used = int(cfg.get("memory_used_mib", 0))
+        held = sum(int(p.get("used_mib", 0)) for p in procs(cfg) if int(p["gpu"]) == i)
+        used = int(cfg.get("memory_used_mib", 0)) + held
         reserved = int(cfg.get("memory_reserved_mib", 0))  # real drivers report free = total - used - reserved
         out.append({
             "index": str(i), "name": cfg.get("name", "Tesla V100-PCIE-16GB"),
@@ -47,6 +50,40 @@ def gpus(cfg):
             "persistence_mode": "Enabled", "pstate": "P0",
         })
     return out
+
+
+def procs(cfg):
+    return [p for p in cfg.get("processes") or [] if 0 <= int(p.get("gpu", -1)) < int(cfg.get("count", 0))]
+
+
+def query_apps(fields, fmt, devs, cfg):
+    """--query-compute-apps: one line per process, as the real one prints it (nothing when there is none)."""
+    names = [f.strip() for f in fields.split(",") if f.strip()]
+    known = {"gpu_uuid": "uuid", "gpu_name": "name", "gpu_bus_id": "pci.bus_id", "pid": "pid",
+             "process_name": "name", "name": "name", "used_memory": "used_mib", "used_gpu_memory": "used_mib"}
+    for n in names:
+        if n not in known:
+            sys.stdout.write('Field "%s" is not a valid field to query.\n\n' % n)
+            return 2
+    opts = [o.strip() for o in fmt.split(",")]
+    nounits = "nounits" in opts
+    if "noheader" not in opts:
+        sys.stdout.write(", ".join(n + ("" if nounits or known[n] != "used_mib" else " [MiB]") for n in names) + "\n")
+    by_index = {int(d["index"]): d for d in devs}
+    for p in procs(cfg):
+        d = by_index.get(int(p["gpu"]))
+        if d is None:
+            continue
+        vals = []
+        for n in names:
+            if n.startswith("gpu_"):
+                vals.append(str(d[known[n]]))
+            elif known[n] == "used_mib":
+                vals.append(str(int(p.get("used_mib", 0))) + ("" if nounits else " MiB"))
+            else:
+                vals.append(str(p.get(known[n], "?")))
+        sys.stdout.write(", ".join(vals) + "\n")
+    return 0
 
 
 ALIASES = {"gpu_name": "name", "gpu_uuid": "uuid", "gpu_bus_id": "pci.bus_id", "driver": "driver_version",
@@ -116,7 +153,11 @@ def table(devs, cfg):
     w("|  GPU   GI   CI        PID   Type   Process name                            GPU Memory |\n")
     w("|        ID   ID                                                             Usage      |\n")
     w("|=======================================================================================|\n")
-    w("|  No running processes found                                                           |\n")
+    for p in procs(cfg):
+        w("|  %3d   N/A  N/A  %9d      C   %-38.38s %7dMiB |\n" % (int(p["gpu"]), int(p.get("pid", 0)),
+                                                                 p.get("name", "?"), int(p.get("used_mib", 0))))
+    if not procs(cfg):
+        w("|  No running processes found                                                           |\n")
     w("+---------------------------------------------------------------------------------------+\n")
     return 0
 
@@ -128,7 +169,7 @@ def main(argv):
                          "Make sure that the latest NVIDIA driver is installed and running.\n\n")
         return 9
     devs = gpus(cfg)
-    fields = fmt = None
+    fields = fmt = apps = None
     ids = None
     i = 0
     while i < len(argv):
@@ -144,7 +185,11 @@ def main(argv):
             for d in devs:
                 sys.stdout.write("GPU %s: %s (UUID: %s)\n" % (d["index"], d["name"], d["uuid"]))
             return 0
-        if a.startswith("--query-gpu="):
+        if a.startswith("--query-compute-apps="):
+            apps = a.split("=", 1)[1]
+        elif a == "--query-compute-apps":
+            apps, i = nxt, i + 1
+        elif a.startswith("--query-gpu="):
             fields = a.split("=", 1)[1]
         elif a in ("--query-gpu", "-q-gpu"):
             fields, i = nxt, i + 1
@@ -169,6 +214,11 @@ def main(argv):
         if not devs:
             sys.stdout.write("No devices were found\n")
             return 6
+    if apps is not None:
+        if fmt is None:
+            sys.stdout.write('Missing "--format" argument.\n\n')
+            return 2
+        return query_apps(apps, fmt, devs, cfg)
     if fields is not None:
         if fmt is None:
             sys.stdout.write('Missing "--format" argument.\n\n')

@@ -20,7 +20,8 @@ FIX = ROOT / "tests" / "fixtures" / "nvidia-smi"
 def test_parse_gpus_h100_capture():
     (g,) = facts.parse_gpus((FIX / "h100-x1" / "query-gpu.csv").read_text())
     assert g == facts.GPU(index=0, name="NVIDIA H100 80GB HBM3", memory_mib=81559, compute_capability="9.0",
-                          driver="580.159.04", bus_id="00000000:00:06.0")
+                          driver="580.159.04", bus_id="00000000:00:06.0",
+                          uuid="GPU-c7519b0a-6385-4dd8-663e-4d68eb8f6953")
 
 
 def test_parse_gpus_h200_capture():
@@ -167,6 +168,141 @@ def test_parse_meminfo():
     text = "MemTotal:       32778468 kB\nMemFree:         1234 kB\n"
     assert facts.parse_meminfo(text) == 32778468 * 1024
     assert facts.parse_meminfo("MemFree: 1 kB\n") is None
+
+
+# ---------------------------------------------------------------- GPU memory holders (gpu-busy)
+BUSY = FIX / "busy-h200"
+H200_UUID = "GPU-8ec74874-af9e-f5bc-e258-9ebf7c3add13"
+
+
+def _busy_gpus() -> list[facts.GPU]:
+    """The busy H200's GPU, from its capture (query-gpu.csv there: index, uuid, name, memory.total, ...)."""
+    out = []
+    for line in (BUSY / "query-gpu.csv").read_text().splitlines():
+        index, uuid, name, total, _used, cc, driver = (c.strip() for c in line.split(","))
+        out.append(facts.GPU(index=int(index), name=name, memory_mib=int(total), compute_capability=cc, driver=driver,
+                             uuid=uuid))
+    return out
+
+
+def test_parse_compute_apps_real_h200_capture():
+    procs = facts.parse_compute_apps((BUSY / "compute-apps.csv").read_text(), _busy_gpus())
+    holder = int((BUSY / "holder.txt").read_text().strip().split("=")[1])
+    assert procs == [facts.GPUProcess(gpu=0, gpu_uuid=H200_UUID, pid=holder, name="python3", used_mib=3590)]
+    assert procs[0].containers is None                                     # not read yet
+
+
+def test_parse_gpus_keeps_uuid_for_the_mapping():
+    gpus = facts.parse_gpus((FIX / "h200-x2" / "query-gpu.csv").read_text())
+    assert all(g.uuid.startswith("GPU-") for g in gpus) and len({g.uuid for g in gpus}) == 2
+    line = f"{gpus[1].uuid}, 77, python3, 100"
+    assert [p.gpu for p in facts.parse_compute_apps(line, gpus)] == [1]
+    assert [p.gpu for p in facts.parse_compute_apps(line, [])] == [None]  # GPUs unknown: still listed
+
+
+@pytest.mark.parametrize("line, pid, name, mib", [
+    (f"{H200_UUID}, [N/A], python3, [N/A]", None, "python3", None),
+    (f"{H200_UUID}, 471, [Insufficient Permissions], 3590", 471, "?", 3590),
+    (f"{H200_UUID}, " + ", ".join(["[Insufficient Permissions]"] * 3), None, "?", None),
+    (f"{H200_UUID}, 471, /opt/my, app/bin/python3, 12", 471, "/opt/my, app/bin/python3", 12),  # a comma in the name
+    (f"{H200_UUID}, 99999999, python3, 12", None, "python3", 12),          # above Linux's PID limit
+    (f"{H200_UUID}, -5, python3, 1e9", None, "python3", None),
+    (f"{H200_UUID}, \u0664\u0662, python3, \u00b2", None, "python3", None),   # non-ASCII digits
+    (f"{H200_UUID}, 12, evil\x1b[31mred\x07, 5", 12, "evil?[31mred?", 5),     # control characters
+    (f"{H200_UUID}, 12, {'x' * 5000}, 5", 12, "x" * 120, 5),
+])
+def test_parse_compute_apps_unknown_and_hostile_values(line, pid, name, mib):
+    (p,) = facts.parse_compute_apps(line, _busy_gpus())
+    assert (p.gpu, p.pid, p.name, p.used_mib) == (0, pid, name, mib)
+
+
+@pytest.mark.parametrize("text", [
+    "", "\n\n", "No running processes found", "garbage", "GPU-x, 1, 2",                  # too few fields
+    "not-a-uuid, 471, python3, 3590", "GPU-$(reboot), 471, python3, 3590", "GPU-" + "a" * 200 + ", 1, p, 1",
+    (FIX / "h100-x1" / "invalid-field.txt").read_text(),
+])
+def test_parse_compute_apps_skips_what_is_not_a_process(text):
+    assert facts.parse_compute_apps(text, _busy_gpus()) == []
+
+
+def test_parse_compute_apps_is_bounded():
+    many = "\n".join(f"{H200_UUID}, {i + 1}, python3, 10" for i in range(facts.MAX_APPS * 4))
+    assert len(facts.parse_compute_apps(many, _busy_gpus())) == facts.MAX_APPS
+    huge = "x" * (facts.MAX_TEXT * 4) + f"\n{H200_UUID}, 1, python3, 10"
+    assert facts.parse_compute_apps(huge, _busy_gpus()) == []          # only the first MAX_TEXT bytes are read
+
+
+def test_compute_apps_standin_answers_like_the_real_one(tmp_path):
+    cfg = tmp_path / "gpus.json"
+    base = {"count": 2, "name": "Tesla V100-PCIE-16GB", "memory_mib": 16160, "compute_capability": "7.0",
+            "driver": "535.104.05", "host": "h1"}
+
+    def smi(*argv):
+        r = subprocess.run([sys.executable, str(ROOT / "tests" / "rig" / "nvidia_smi.py"), *argv], capture_output=True,
+                           text=True, env={**os.environ, "NVIDIA_SMI_STANDIN_CONFIG": str(cfg)}, timeout=20)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+    cfg.write_text(json.dumps(base))
+    assert smi(*facts.COMPUTE_APPS[1:]) == ""                          # nothing holds a GPU: nothing printed
+    cfg.write_text(json.dumps({**base, "processes": [{"gpu": 1, "pid": 4242, "name": "python3", "used_mib": 9000}]}))
+    gpus = facts.parse_gpus(smi(*facts.GPU_QUERY[1:]))
+    out = smi(*facts.COMPUTE_APPS[1:])
+    real = (BUSY / "compute-apps.csv").read_text()
+    assert out.count(", ") == real.count(", ") and out.endswith("\n") == real.endswith("\n")   # the same shape
+    assert facts.parse_compute_apps(out, gpus) == [facts.GPUProcess(gpu=1, gpu_uuid=gpus[1].uuid, pid=4242,
+                                                                    name="python3", used_mib=9000)]
+    mem = smi("--query-gpu=index,memory.used", "--format=csv,noheader,nounits")
+    assert mem.splitlines() == ["0, 0", "1, 9000"]                    # memory.used counts it, as a real one does
+
+
+def test_cgroups_argv_passes_only_pids_as_arguments():
+    argv = facts.cgroups_argv([471, 12, 12, "1; reboot", -3, 0, True, 1 << 30, None, 4194304])
+    assert argv == ("sh", "-c", facts.CGROUP_SCRIPT, "-", "12", "471", "4194304")
+    assert "$p" in facts.CGROUP_SCRIPT and "471" not in facts.CGROUP_SCRIPT
+    assert facts.own_containers_argv("lab; x") == ("docker", "ps", "-q", "--no-trunc", "--filter",
+                                                  "label=gpucluster.cluster=lab; x")
+
+
+def test_cgroup_script_runs_in_sh_and_skips_what_is_not_a_pid():
+    """The script itself, here: this process's own cgroup lines, tagged with its PID; a non-PID is skipped."""
+    r = subprocess.run(["sh", "-c", facts.CGROUP_SCRIPT, "-", str(os.getpid()), "../../etc/passwd", "999999999"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines and all(ln.startswith(f"{os.getpid()} ") for ln in lines)
+    assert list(facts.parse_cgroups(r.stdout)) == [os.getpid()]
+
+
+CID = "4f1d9a1c" * 8
+CID2 = "0123abcd" * 8
+
+
+@pytest.mark.parametrize("text, expected", [
+    (f"471 0::/system.slice/docker-{CID}.scope\n", {471: (CID,)}),                     # cgroup v2, systemd driver
+    (f"471 0::/docker/{CID}\n", {471: (CID,)}),                                         # cgroup v2, cgroupfs driver
+    (f"471 12:memory:/docker/{CID}\n471 11:pids:/docker/{CID}\n471 1:name=systemd:/docker/{CID}\n",
+     {471: (CID,)}),                                                                     # cgroup v1
+    (f"9 0::/docker/{CID}/nested/docker/{CID2}\n", {9: (CID, CID2)}),                   # docker in docker
+    ("471 0::/user.slice/user-1000.slice/session-3.scope\n", {471: ()}),                # a login session
+    (f"471 0::/docker/{CID}a\n472 0::/docker/{CID[:63]}\n", {471: (), 472: ()}),       # 65 and 63 hex digits
+    (f"x 0::/docker/{CID}\n99999999 0::/docker/{CID}\n 0::/\n", {}),                  # not a PID
+    ("", {}),
+])
+def test_parse_cgroups(text, expected):
+    assert facts.parse_cgroups(text) == expected
+
+
+def test_parse_container_ids_and_with_cgroups():
+    assert facts.parse_container_ids(f"{CID}\n{CID2}\n{CID}\nshort\n") == (CID, CID2)
+    assert facts.parse_container_ids("") == ()
+    procs = facts.parse_compute_apps(f"{H200_UUID}, 471, python3, 10\n{H200_UUID}, 472, python3, 10\n"
+                                     f"{H200_UUID}, [N/A], python3, 10", _busy_gpus())
+    got = facts.with_cgroups(procs, {471: (CID,)})
+    assert [p.containers for p in got] == [(CID,), None, None]
+
+
+def test_probe_argvs_list_the_compute_apps_query():
+    assert facts.COMPUTE_APPS in facts.probe_argvs("/Data/models")
 
 
 # ---------------------------------------------------------------- contradictions / measured
