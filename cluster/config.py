@@ -64,6 +64,18 @@ class Secret:
         return hash((self._literal, self.env, self.file))
 
 
+# An env key that names a secret (a whole `_`-separated part of it): its literal value is a Secret too.
+# HF_TOKEN, AWS_SECRET_ACCESS_KEY, DB_PASSWORD, OPENAI_API_KEY yes; TOKENIZERS_PARALLELISM, MAX_TOKENS no.
+SECRET_KEY = re.compile(r"(?:^|_)(?:TOKEN|SECRETS?|PASSWORDS?|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIALS?)(?:_|$)",
+                        re.IGNORECASE)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")   # what the secrets file's reader can export
+
+
+def secret_key(key: str) -> bool:
+    """Does this env key name a secret (so that a literal value under it is one)?"""
+    return bool(SECRET_KEY.search(key))
+
+
 # ---------------------------------------------------------------- schema
 SSH_USER = r"^[A-Za-z0-9_][A-Za-z0-9_.@-]*$"
 SSH_PATH = r'^(?!.*\$\{)[^\x00-\x1f\x7f"]+$'   # ssh_config quotes it: no control character, double quote, ${
@@ -110,7 +122,8 @@ class Host:
     interface: str | None = field(default=None, metadata={"pattern": r"^[A-Za-z0-9_.:@-]{1,15}$"})
     model_dir: str | None = field(default=None, metadata={"pattern": r"^/[^\x00-\x1f\x7f]*$"})
     ssh: SSHOverride | None = None
-    env: dict[str, str] = field(default_factory=dict)   # this host's engine processes only (after deploy.env)
+    # this host's engine processes only (after deploy.env); a value may be a secret (_env_value)
+    env: dict[str, str | Secret] = field(default_factory=dict, metadata={"env": "secrets"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,7 +155,7 @@ class Deploy:
     tensor_parallel: int | None = field(default=None, metadata={"range": (1, 512)})
     pipeline_parallel: int | None = field(default=None, metadata={"range": (1, 64)})
     engine_args: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str | Secret] = field(default_factory=dict, metadata={"env": "secrets"})   # secrets: _env_value
     port: int | None = field(default=None, metadata={"range": (1, 65535)})
     api_key: Secret | None = None
     source: Source = field(default_factory=Source)
@@ -190,7 +203,7 @@ class Profile:
     image: str
     registry_mirrors: list[str] = field(default_factory=list)
     docker: DockerOptions = field(default_factory=DockerOptions)
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, metadata={"env": "plain"})   # shared and recorded: no secrets
     engine_args: dict[str, Any] = field(default_factory=dict)
     port: int = field(default=8000, metadata={"range": (1, 65535)})
     path: str = field(default="", metadata={"internal": True})
@@ -320,6 +333,9 @@ def _convert(tp: Any, value: Any, at: _At, meta: dict) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise at.error(f"expected a mapping, got {_describe(value)}")
+        if meta.get("env"):
+            return {str(k): _env_value(str(k), v, at.child(k, value), secrets=meta["env"] == "secrets")
+                    for k, v in value.items()}
         _, item = typing.get_args(tp)
         return {str(k): _convert(item, v, at.child(k, value), {}) for k, v in value.items()}
     if tp is Any:
@@ -360,6 +376,21 @@ def _secret(value: Any, at: _At) -> Secret:
         if isinstance(ref, str) and ref:
             return Secret(**{kind: ref})
     raise at.error("expected a string, {env: NAME} or {file: PATH}")
+
+
+def _env_value(key: str, value: Any, at: _At, *, secrets: bool) -> str | Secret:
+    """An env value: a string; or a Secret, given as {env: NAME} / {file: PATH} or as a literal under a key that
+    names a secret (secret_key). A secret never reaches an argv or a container's config (docs/schema.md)."""
+    if not isinstance(value, dict) and not secret_key(key):
+        return _convert(str, value, at, {})
+    if not secrets:
+        raise at.error(f"{key} is a secret, and a profile's env is shared and recorded on the hosts",
+                       fix=f"set it in the inventory instead: deploy.env: {{{key}: {{env: {key}}}}}")
+    if not ENV_NAME.fullmatch(key):
+        raise at.error("a secret's key must be a variable name (letters, digits, _)", fix="rename it")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    return _secret(value, at)
 
 
 @functools.lru_cache(maxsize=None)
@@ -425,7 +456,10 @@ def load_inventory(path: str | Path) -> Inventory:
     engine_at = at.child("deploy", data).child("engine_args", data["deploy"])
     _check_engine_args(inv.deploy.engine_args, engine_at)
     deploy = data["deploy"]
-    lines = {**_lines(deploy, "deploy"), **_lines(deploy.get("engine_args"), "deploy.engine_args")}
+    lines = {**_lines(deploy, "deploy"), **_lines(deploy.get("engine_args"), "deploy.engine_args"),
+             **_lines(deploy.get("env"), "deploy.env")}
+    for i, h in enumerate(data["hosts"]):   # env secrets are checked (and reported) where they are written
+        lines.update(_lines(h.get("env"), f"hosts[{i}].env"))
     return dataclasses.replace(inv, path=file, lines=lines)
 
 

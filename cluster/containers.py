@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import Mapping
 
-from .steps import Check, Cmd, Step
+from .config import Secret
+from .steps import Check, Cmd, Put, Step
 
 LABEL = "gpucluster"
+SECRETS_MOUNT = "/run/gpucluster/env"   # where a container finds its node's secret env (a read-only bind mount)
+# Exports the KEY=value lines of a mounted 0600 file (literally: nothing in a value is expanded), then execs
+# the process: a secret is in no argv and in no container config (`docker inspect` shows the path only).
+WITH_SECRETS = 'while IFS= read -r kv; do export "$kv"; done < "$0"; exec "$@"'
 
 
 def digest(obj: object) -> str:
@@ -52,6 +59,29 @@ class ContainerSpec:
                 f"{LABEL}.spec": self.spec_hash}
 
 
+def split_env(env: Mapping[str, str | Secret]) -> tuple[dict[str, str], dict[str, Secret]]:
+    """(plain values, for `-e`; secret values, for the node's 0600 file): a secret never goes to `-e`."""
+    plain = {k: v for k, v in env.items() if not isinstance(v, Secret)}
+    return plain, {k: v for k, v in env.items() if isinstance(v, Secret)}
+
+
+def secrets_digest(secrets: Mapping[str, Secret], salt: str) -> str:
+    """A digest of secret values, never the values ("" when none): rotating one changes a spec's hash."""
+    return digest({k: v.digest(salt) for k, v in sorted(secrets.items())}) if secrets else ""
+
+
+def secrets_put(path: str, secrets: Mapping[str, Secret]) -> Put:
+    """The node's secret env as a 0600 file of KEY=value lines, written over SFTP (revealed only then)."""
+    return Put(path=path, mode=0o600, secrets=tuple(sorted(secrets.items())))
+
+
+def with_secrets(spec: ContainerSpec, *, file: str, mount: str = SECRETS_MOUNT, digest_: str = "") -> ContainerSpec:
+    """The spec's process started by WITH_SECRETS, which exports `file` (on the host; read-only at `mount`)."""
+    return dataclasses.replace(spec, entrypoint="sh", command=("-c", WITH_SECRETS, mount, spec.entrypoint,
+                                                               *spec.command),
+                               mounts=(*spec.mounts, (file, mount, "ro")), extra_hash=spec.extra_hash + digest_)
+
+
 def run_argv(spec: ContainerSpec) -> tuple[str, ...]:
     """`docker run -d ...` for a spec; every value is its own argv element."""
     argv = ["docker", "run", "-d", "--name", spec.name]
@@ -89,14 +119,16 @@ def check_argv(spec: ContainerSpec) -> tuple[str, ...]:
     return ("docker", "inspect", "--type", "container", "--format", template, spec.name)
 
 
-def container_step(spec: ContainerSpec, *, host: str, phase: str, reason: str, after: tuple[str, ...] = ()) -> Step:
-    """Make `host` run `spec`: create it, start it, replace it when its spec changed, or leave it."""
+def container_step(spec: ContainerSpec, *, host: str, phase: str, reason: str, after: tuple[str, ...] = (),
+                   files: tuple[Put, ...] = ()) -> Step:
+    """Make `host` run `spec`: create it, start it, replace it when its spec changed, or leave it.
+    `files` (the secrets file it mounts) are written first whenever the container is (re)started."""
     run = Cmd(argv=run_argv(spec))
-    variants = {"start": (Cmd(argv=("docker", "start", spec.name)),),
-                "replace": (Cmd(argv=("docker", "rm", "-f", spec.name)), run)}
+    variants = {"start": (*files, Cmd(argv=("docker", "start", spec.name))),
+                "replace": (*files, Cmd(argv=("docker", "rm", "-f", spec.name)), run)}
     if after:
-        variants["restart"] = (Cmd(argv=("docker", "restart", spec.name)),)
-    return Step(id=f"{host}/{spec.role}", host=host, phase=phase, reason=reason, ops=(run,),
+        variants["restart"] = (*files, Cmd(argv=("docker", "restart", spec.name)))
+    return Step(id=f"{host}/{spec.role}", host=host, phase=phase, reason=reason, ops=(*files, run),
                 check=Check(argv=check_argv(spec)), variants=variants, after=after)
 
 

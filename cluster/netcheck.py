@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .config import Host, Inventory, Profile
-from .containers import LABEL
+from .containers import LABEL, split_env
 from .delivery.model_steps import STATE_DIR
 from .steps import Check, Cmd, Put, Step
 
@@ -87,7 +87,8 @@ def make_job(d, hosts: Iterable[Host], *, timeout: float = DEFAULT_TIMEOUT, port
     out, first = [], 0
     for h in ordered:
         local = h.gpus.count if device == "cuda" else 1
-        out.append(NetHost(host=h, first_rank=first, local=local, env=tuple(sorted(d.engine.node_env(d, h).items()))))
+        env, _ = split_env(d.engine.node_env(d, h))     # the agent needs no secret (they would go to `-e`)
+        out.append(NetHost(host=h, first_rank=first, local=local, env=tuple(sorted(env.items()))))
         first += local
     o = d.profile.docker
     return NetJob(cluster=d.cluster, image=d.profile.image, device=device, hosts=tuple(out), timeout=timeout,

@@ -87,13 +87,24 @@ def up_steps(plan: planner.Plan, lease: leases.Lease | None = None) -> tuple[lis
 
 
 def _secrets_resolve(inv: Inventory) -> None:
-    """A missing secret stops `up` before any host is touched, not after a long download."""
-    for field, secret in (("deploy.api_key", inv.deploy.api_key), ("deploy.source.token", inv.deploy.source.token)):
-        if secret is not None:
-            try:
-                secret.reveal()
-            except ConfigError as e:
-                raise ConfigError(str(e), file=inv.path, field=field) from None
+    """A missing secret stops `up` before any host is touched, not after a long download. Env secrets must also
+    fit on one KEY=value line of their 0600 file (a line break would start another variable)."""
+    from .config import Secret
+    named = [("deploy.api_key", inv.deploy.api_key), ("deploy.source.token", inv.deploy.source.token)]
+    named += [(f"deploy.env.{k}", v) for k, v in inv.deploy.env.items() if isinstance(v, Secret)]
+    named += [(f"hosts[{i}].env.{k}", v) for i, h in enumerate(inv.hosts) for k, v in h.env.items()
+              if isinstance(v, Secret)]
+    for field, secret in named:
+        if secret is None:
+            continue
+        line = inv.lines.get(field)
+        try:
+            value = secret.reveal()
+        except ConfigError as e:
+            raise ConfigError(str(e), file=inv.path, line=line, field=field) from None
+        if ".env." in field and any(c in value for c in "\n\r\0"):
+            raise ConfigError("the secret's value holds a line break or NUL: it cannot be one KEY=value line",
+                              file=inv.path, line=line, field=field, fix="remove the line break from the value")
 
 
 # ---------------------------------------------------------------- probe
@@ -133,6 +144,14 @@ def probe_host(hosts, host: Host, model_dir: str) -> facts.HostFacts:
         gpus = get(facts.GPU_QUERY_OLD, facts.parse_gpus, "nvidia-smi")
     else:
         problems.append(f"nvidia-smi: {r.last_line()}")
+    held, ours = (), None
+    if gpus:    # processes holding GPU memory; then who they are: this cluster's containers vs each PID's cgroup
+        held = tuple(get(facts.COMPUTE_APPS, lambda t: facts.parse_compute_apps(t, gpus), "nvidia-smi apps") or ())
+    if held:
+        ps = run(facts.own_containers_argv(hosts.inventory.cluster.name))
+        ours = facts.parse_container_ids(ps.stdout) if ps.ok else None
+        if any(p.pid is not None for p in held):
+            held = facts.with_cgroups(held, facts.parse_cgroups(run(facts.cgroups_argv(p.pid for p in held)).stdout))
     info = run(facts.DOCKER_INFO)
     route = run(facts.ROUTE_TO_INTERNET)
     disk = facts.parse_df(run(facts.df_argv(model_dir)).stdout)  # df exits 1 for missing paths
@@ -148,6 +167,7 @@ def probe_host(hosts, host: Host, model_dir: str) -> facts.HostFacts:
         route_src=facts.parse_route_src(route.stdout) if route.ok else None,
         clock_offset=round(float(clock.stdout.strip()) - (t0 + t1) / 2, 3) if clock.ok else None,
         mem_total=get(facts.MEMINFO, facts.parse_meminfo, "meminfo"),
+        gpu_processes=held, cluster_containers=ours,
         problems=tuple(problems),
     )
 
@@ -165,9 +185,14 @@ def probe(inv: Inventory, *, accept_new_host_keys: bool = False, hosts=None) -> 
 
 
 def measured_findings(plan: planner.Plan, probed: dict[str, facts.HostFacts]) -> list[Finding]:
-    """Findings only measured facts can give: the engine's own (e.g. the IP it would pick), disk space."""
+    """Findings only measured facts can give: the engine's own (e.g. the IP it would pick), disk space, GPUs held by
+    processes that are not this cluster's (gpu-busy)."""
     d = plan.deployment
     out = d.engine.measured(d, probed)
+    try:
+        util = plan.memory.utilization if plan.memory else float(d.setup.args.get("gpu-memory-utilization", 0.9))
+    except (TypeError, ValueError):
+        util = 0.9
     for h in d.hosts:
         f = probed.get(h.name)
         if not f or not f.reachable:
@@ -183,6 +208,9 @@ def measured_findings(plan: planner.Plan, probed: dict[str, facts.HostFacts]) ->
                                message=f"{h.name}: {f.disk_free / 1e9:.1f} GB free at {f.disk_path}, the model "
                                        f"needs {need / 1e9:.1f} GB",
                                fix="free space or point model_dir at a larger disk"))
+        busy = facts.gpu_busy(h.name, f, utilization=util, gpus=d.profile.docker.gpus) \
+            if d.profile.device == "gpu" else None
+        out += [busy] if busy else []
     return out
 
 

@@ -210,7 +210,10 @@ def stray_steps(d: Deployment) -> list[Step]:
 
 
 def _secret_findings(inventory: Inventory) -> list[Finding]:
-    named = {"deploy.api_key": inventory.deploy.api_key, "deploy.source.token": inventory.deploy.source.token}
+    named = {"deploy.api_key": inventory.deploy.api_key, "deploy.source.token": inventory.deploy.source.token,
+             **{f"deploy.env.{k}": v for k, v in inventory.deploy.env.items() if isinstance(v, Secret)},
+             **{f"hosts[{i}].env.{k}": v for i, h in enumerate(inventory.hosts) for k, v in h.env.items()
+                if isinstance(v, Secret)}}
     return [Finding(code="secret-unset", severity=WARNING, message=f"{field} is read from ${s.env}, which is not set "
                     "here; `up` will refuse to start", fix=f"export {s.env}=... before `gpucluster up`")
             for field, s in named.items() if s is not None and s.env and s.digest("") == "unset"]

@@ -88,6 +88,9 @@ def _secret_hints(plan, steps) -> dict[str, str]:
     """Variable -> where its value comes from, for the runbook's header."""
     inv = plan.inventory
     hints = {TOKEN_KEYS["transfer"]: "any random string, e.g. $(openssl rand -hex 24): guards the model copy"}
+    env = {id(v): f"deploy.env.{k}" for k, v in inv.deploy.env.items()}
+    env.update({id(v): f"hosts[{h.name}].env.{k} (on {h.name}: its own value)" for h in inv.hosts
+                for k, v in h.env.items()})
     for s in steps:
         for op in s.all_ops():
             for key, secret in getattr(op, "secrets", ()):
@@ -95,6 +98,8 @@ def _secret_hints(plan, steps) -> dict[str, str]:
                     hints[key] = "deploy.api_key"
                 elif secret is inv.deploy.source.token:
                     hints[key] = "deploy.source.token (the hub token)"
+                elif id(secret) in env and env[id(secret)] not in hints.get(key, ""):
+                    hints[key] = "; ".join(filter(None, (hints.get(key), env[id(secret)])))
     return hints
 
 

@@ -27,11 +27,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 try:
-    from .manifest import (MANIFEST, PARTIAL_DIR, Entry, confined, human, ignored, manifest_doc, manifest_files,
-                           plan_host, safe_relpath, select)
+    from .manifest import (HASH_BY, MANIFEST, PARTIAL_DIR, Entry, confined, has_source_hash, human, ignored,
+                           manifest_doc, manifest_files, plan_host, reference, safe_relpath, select, usable_hash,
+                           verified_counts)
 except ImportError:   # run as a script on a host, manifest.py beside it
-    from manifest import (MANIFEST, PARTIAL_DIR, Entry, confined, human, ignored, manifest_doc,  # type: ignore
-                          manifest_files, plan_host, safe_relpath, select)
+    from manifest import (HASH_BY, MANIFEST, PARTIAL_DIR, Entry, confined, has_source_hash, human,  # type: ignore
+                          ignored, manifest_doc, manifest_files, plan_host, reference, safe_relpath, select,
+                          usable_hash, verified_counts)
 
 TOKEN_ENV = "GPUCLUSTER_SOURCE_TOKEN"
 TRANSFER_ENV = "GPUCLUSTER_TRANSFER_TOKEN"
@@ -105,13 +107,22 @@ def _get_json(job: Dict[str, Any], url: str, token: Optional[str], what: str) ->
 
 
 def list_remote(job: Dict[str, Any], token: Optional[str]) -> Tuple[str, List[Entry]]:
-    """(commit, files) at the revision; a listing is untrusted: a path that could leave the folder is refused."""
+    """(commit, files) at the revision; a listing is untrusted: a path that could leave the folder is refused, a
+    malformed hash is no hash. A peer (the head) must give every file's sha256: it hashed what the source did not."""
     commit, files = _list_remote(job, token)
     for f in files:
         if not isinstance(f.get("path"), str) or not safe_relpath(f["path"]) or not isinstance(f.get("size"), int) \
                 or f["size"] < 0:
             raise AgentError(f"{job['endpoint']}: the file list names {str(f.get('path'))[:80]!r} "
                              f"({f.get('size')!r} bytes), which is not a plain relative path: refusing the listing")
+        f["sha256"], f["oid"] = usable_hash(f.get("sha256"), 64), usable_hash(f.get("oid"), 40)
+        if job["kind"] != "peer":
+            f.pop("hash_by", None)
+            continue
+        if not f["sha256"]:
+            raise AgentError(f"{job.get('peer_name', job['endpoint'])}'s manifest has no sha256 for {f['path']!r}: "
+                             "its copy was never hashed (run `gpucluster model pull --verify`)")
+        f["hash_by"] = f.get("hash_by") if f.get("hash_by") in HASH_BY else "head"
     return commit, files
 
 
@@ -121,7 +132,7 @@ def _list_remote(job: Dict[str, Any], token: Optional[str]) -> Tuple[str, List[E
     q = urllib.parse.quote
     if job["kind"] == "peer":     # another host's copy, served by `agent serve`
         doc, _ = _get_json(job, f"{ep}/manifest", token, "manifest")
-        files = [{k: f.get(k) for k in ("path", "size", "sha256", "oid")} for f in doc.get("files", [])
+        files = [{k: f.get(k) for k in ("path", "size", "sha256", "oid", "hash_by")} for f in doc.get("files", [])
                  if isinstance(f, dict)] if isinstance(doc, dict) else []
         return str(doc.get("commit", "")) if isinstance(doc, dict) else "", files
     if job["kind"] == "modelscope":
@@ -317,21 +328,32 @@ def agent_sync(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]]
         emit({"ev": "note", "msg": "the selected files hold no config.json"})
     os.makedirs(target, exist_ok=True)
     spec = job["spec"]
-    have = manifest_files(read_manifest_at(target), spec)
+    doc = read_manifest_at(target)
+    have = manifest_files(doc, spec)
+    if have and not (isinstance(doc, dict) and doc.get("commit") == commit):
+        # the revision moved: what this host hashed for the old commit vouches only where the source has a hash
+        hashed = {f["path"] for f in files if has_source_hash(f)}
+        have = {p: m for p, m in have.items() if p in hashed}
     scanned = scan_dir(target)
     need, check = plan_host(files, scanned, have, bool(job.get("verify")))
     by_path = {f["path"]: dict(f) for f in files}
     for p in check:   # present with the right size, but not vouched for: hash before trusting
-        sha, oid = hash_file(os.path.join(target, p), by_path[p]["size"])
         e = by_path[p]
-        if (e.get("sha256") and sha != e["sha256"]) or (e.get("oid") and oid != e["oid"]):
+        want_sha, want_oid, by = reference(e, (have or {}).get(p))
+        if not by:    # neither the source nor this host ever hashed it: it cannot be verified, fetch it
+            need.append(p)
+            continue
+        sha, oid = hash_file(os.path.join(target, p), e["size"])
+        if (want_sha and sha != want_sha) or (want_oid and oid != want_oid):
             need.append(p)
         else:
-            e["sha256"], e["oid"] = sha, oid
+            e["sha256"], e["oid"], e["hash_by"] = sha, oid, by
     for p, e in by_path.items():
         if p not in need and p not in check and have and p in have:
+            by = reference(e, have[p])[2] or "head"
             e["sha256"] = have[p].get("sha256") or e.get("sha256")
             e["oid"] = have[p].get("oid") or e.get("oid")
+            e["hash_by"] = by
     need = sorted(set(need))
     total = sum(by_path[p]["size"] for p in need)
     emit({"ev": "plan", "source": job["kind"], "commit": commit, "files": len(files), "need": need, "bytes": total,
@@ -339,8 +361,12 @@ def agent_sync(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]]
     tick = _Ticker(emit, total)
     moved = 0
     for p in need:
-        sha, oid, n = download_file(job, commit, by_path[p], target, token, tick)
-        by_path[p]["sha256"], by_path[p]["oid"] = sha, oid
+        e = by_path[p]
+        # checked against the source's hash (a peer's: the head's manifest); with none, this host's sha256 is
+        # recorded: the head's manifest then holds one for every file, and every copy from it is verified by it
+        by = reference(e, None)[2] or "head"
+        sha, oid, n = download_file(job, commit, e, target, token, tick)
+        e["sha256"], e["oid"], e["hash_by"] = sha, oid, by
         moved += n
     tick.add(0, "", force=True)
     now = scan_dir(target)
@@ -348,21 +374,28 @@ def agent_sync(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]]
         e["mtime"] = now[p][1]
     doc = manifest_doc(spec, commit, list(by_path.values()))
     write_manifest_at(target, doc)
-    result = {"ev": "done", "commit": commit, "fetched": need, "bytes": moved, "summary": summary(job, need, moved,
-                                                                                               scanned)}
+    counts = verified_counts(by_path.values())
+    result = {"ev": "done", "commit": commit, "fetched": need, "bytes": moved, "verified": counts,
+              "summary": summary(job, need, moved, scanned, counts)}
     emit(result)
     return result
 
 
-def summary(job: Dict[str, Any], fetched: List[str], moved: int, before: Dict[str, Tuple[int, int]]) -> str:
-    """One line for the user: present, fetched from the hub, or copied / repaired from a peer."""
+def summary(job: Dict[str, Any], fetched: List[str], moved: int, before: Dict[str, Tuple[int, int]],
+            counts: Optional[Dict[str, int]] = None) -> str:
+    """One line for the user: present, fetched from the hub, or copied / repaired from a peer; and how many files
+    were verified by the source's hash and how many by the head's (the source listed none for those)."""
     if not fetched:
         return "present"
     n = f"{len(fetched)} file(s), {human(moved)}"
+    how = ""
+    if counts is not None:
+        head = "by the head's" if job["kind"] == "peer" else "hashed here (the source lists none)"
+        how = f"; verified: {counts.get('source', 0)} by the source's hash, {counts.get('head', 0)} {head}"
     if job["kind"] == "peer":
         verb = "repaired" if any(p in before for p in fetched) else "copied"
-        return f"{verb} {n} from {job.get('peer_name', job['endpoint'])}"
-    return f"fetched {n} from {job['endpoint']}"
+        return f"{verb} {n} from {job.get('peer_name', job['endpoint'])}{how}"
+    return f"fetched {n} from {job['endpoint']}{how}"
 
 
 def agent_index(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
@@ -377,11 +410,12 @@ def agent_index(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]
                    job.get("exclude") or ())
     for e in files:
         m = have.get(e["path"])
-        if not job.get("verify") and m and m.get("size") == e["size"] and m.get("mtime") == scanned[e["path"]][1]:
+        if not job.get("verify") and m and m.get("size") == e["size"] and m.get("mtime") == scanned[e["path"]][1] \
+                and usable_hash(m.get("sha256"), 64):
             e["sha256"], e["oid"] = m.get("sha256"), m.get("oid")
         else:
             e["sha256"], e["oid"] = hash_file(os.path.join(target, e["path"]), e["size"])
-        e["mtime"] = scanned[e["path"]][1]
+        e["mtime"], e["hash_by"] = scanned[e["path"]][1], "head"    # the head's folder is the reference
     write_manifest_at(target, manifest_doc(spec, "local", files))
     result = {"ev": "done", "summary": "present", "files": len(files)}
     emit(result)

@@ -7,7 +7,8 @@ import os
 import time
 from typing import Callable
 
-from .manifest import MANIFEST, PARTIAL_DIR, confined, human, parse_sha256sum, safe_relpath
+from .manifest import (MANIFEST, PARTIAL_DIR, confined, human, parse_sha256sum, safe_relpath, usable_hash,
+                       verified_counts)
 from ..steps import CONTROL
 
 CHUNK = 1 << 20
@@ -62,9 +63,17 @@ def _text(v) -> str:
 def copy_tree(ex, src_host: str, src: str, dst_host: str, dst: str, progress: Callable[[str], None]) -> str:
     """Copy the files of src's manifest that dst lacks (or holds with another sha256), through this machine.
 
-    Used when the model was downloaded here, or when a host cannot reach the head; says what it did."""
+    Used when the model was downloaded here, or when a host cannot reach the head; says what it did. Every file is
+    checked against the sha256 in src's manifest: the source's, or the one the downloading host computed when the
+    source listed none."""
     doc = json.loads(_read(ex, src_host, f"{src}/{MANIFEST}"))
     files = [f for f in doc.get("files", []) if isinstance(f, dict) and safe_relpath(str(f.get("path", "")))]
+    unhashed = [str(f["path"]) for f in files if not usable_hash(f.get("sha256"), 64)]
+    if unhashed:
+        raise RuntimeError(f"{src_host}: its manifest has no sha256 for {', '.join(unhashed[:3])}: the copy could "
+                           "not be verified (run `gpucluster model pull --verify`)")
+    for f in files:
+        f["sha256"] = usable_hash(f["sha256"], 64)      # sha256sum prints lowercase
     have = _hashes(ex, dst_host, dst, [f["path"] for f in files])
     todo = [f for f in files if have.get(f["path"]) != f.get("sha256")]
     total = sum(int(f["size"]) for f in todo)
@@ -100,7 +109,9 @@ def copy_tree(ex, src_host: str, src: str, dst_host: str, dst: str, progress: Ca
         return "present"
     verb = "repaired" if any(f["path"] in have for f in todo) else "copied"
     how = "this machine" if src_host == CONTROL else f"{src_host} via this machine"
-    return f"{verb} {len(todo)} file(s), {human(total)} from {how}"
+    counts = verified_counts(files)
+    return (f"{verb} {len(todo)} file(s), {human(total)} from {how}; verified: {counts['source']} by the source's "
+            f"hash, {counts['head']} by the head's")
 
 
 class _Bytes:

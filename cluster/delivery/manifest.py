@@ -13,7 +13,9 @@ MANIFEST = ".gpucluster-manifest.json"
 STAMP = ".gpucluster-stamp"
 PARTIAL_DIR = ".gpucluster-partial"
 
-Entry = Dict[str, Any]   # {"path", "size", "sha256": str|None, "oid": str|None (git blob sha1), "mtime": int ns}
+Entry = Dict[str, Any]   # {"path", "size", "sha256": str|None, "oid": str|None (git blob sha1), "mtime": int ns,
+#                           "hash_by": "source" | "head" (in manifests: who gave the sha256 it was verified by)}
+HASH_BY = ("source", "head")
 
 
 # =============================================================================================
@@ -54,6 +56,36 @@ def parse_sha256sum(text: str) -> Dict[str, str]:
     return out
 
 
+def usable_hash(value: Any, length: int) -> Optional[str]:
+    """A hex digest of `length` characters (lowercased), else None: a malformed one from a listing verifies nothing."""
+    if isinstance(value, str) and len(value) == length and all(c in "0123456789abcdefABCDEF" for c in value):
+        return value.lower()
+    return None
+
+
+def has_source_hash(e: Entry) -> bool:
+    return bool(e.get("sha256") or e.get("oid"))
+
+
+def reference(e: Entry, m: Optional[Entry]) -> Tuple[Optional[str], Optional[str], str]:
+    """(sha256, git oid, by) a present file must match: the listing's (by its hash_by, "source" from a hub), else
+    the sha256 this host recorded when it fetched the file (by "head": the source lists none); ("", ...) none."""
+    if has_source_hash(e):
+        return e.get("sha256"), e.get("oid"), e.get("hash_by") or "source"
+    sha = usable_hash((m or {}).get("sha256"), 64)
+    if sha and (m or {}).get("size") == e.get("size"):
+        return sha, None, "head"
+    return None, None, ""
+
+
+def verified_counts(files: Iterable[Entry]) -> Dict[str, int]:
+    """How many files of a copy were verified by the source's hash, and how many by the head's."""
+    out = {"source": 0, "head": 0}
+    for f in files:
+        out["source" if f.get("hash_by") == "source" else "head"] += 1
+    return out
+
+
 def identity_matches(have: Entry, want: Entry) -> bool:
     """Do two entries name the same content? sha256 first, else the git blob id, else size only."""
     if have.get("size") != want.get("size"):
@@ -70,7 +102,7 @@ def plan_host(expected: List[Entry], scanned: Dict[str, Tuple[int, int]], manife
     """(need, check): files to transfer (absent or wrong size) and files to hash before trusting them.
 
     A file is trusted without hashing only when the host's manifest vouches for the same content,
-    size and mtime (it was verified and has not been touched since), and `verify` is off."""
+    size and mtime (it was verified, its sha256 recorded, and it has not been touched since), and `verify` is off."""
     need, check = [], []
     for e in expected:
         seen = scanned.get(e["path"])
@@ -78,7 +110,8 @@ def plan_host(expected: List[Entry], scanned: Dict[str, Tuple[int, int]], manife
             need.append(e["path"])
             continue
         m = (manifest or {}).get(e["path"])
-        if not verify and m and identity_matches(m, e) and m.get("mtime") == seen[1]:
+        if not verify and m and usable_hash(m.get("sha256"), 64) and identity_matches(m, e) \
+                and m.get("mtime") == seen[1]:
             continue
         check.append(e["path"])
     return need, check
@@ -88,7 +121,8 @@ def plan_host(expected: List[Entry], scanned: Dict[str, Tuple[int, int]], manife
 
 def manifest_doc(spec: Dict[str, Any], commit: str, files: List[Entry]) -> Dict[str, Any]:
     return {"version": 1, **spec, "commit": commit, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": [{k: f.get(k) for k in ("path", "size", "sha256", "oid", "mtime") if f.get(k) is not None}
+            "files": [{k: f.get(k) for k in ("path", "size", "sha256", "oid", "mtime", "hash_by")
+                       if f.get(k) is not None}
                       for f in sorted(files, key=lambda f: f["path"])]}
 
 

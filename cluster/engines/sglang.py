@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..checks import ERROR, WARNING, Finding, Setup, _profiles_for, capability
-from ..containers import ContainerSpec, container_step
+from ..containers import ContainerSpec, container_step, secrets_digest, secrets_put, split_env, with_secrets
 from ..errors import ConfigError
 from ..knowledge import sglang as knowledge
 from ..knowledge.curated import version_key
@@ -275,11 +275,20 @@ class Sglang:
     # ------------------------------------------------------------------ specs
     def node_env(self, d, host) -> dict[str, str]:
         """Every rank's env: the profile's, the inventory's, the host's, and its NIC for NCCL, GLOO and TP
-        (without GLOO_SOCKET_IFNAME gloo binds the hostname's address, often 127.0.0.1, and peers never connect)."""
-        env = {**d.setup.env, **host.env}
+        (without GLOO_SOCKET_IFNAME gloo binds the hostname's address, often 127.0.0.1, and peers never connect).
+        Secret values are not in it (secret_env)."""
+        env, _ = split_env({**d.setup.env, **host.env})
         if host.interface:
             env.update({k: host.interface for k in IFNAMES})
         return env
+
+    def secret_env(self, d, host) -> dict:
+        """The rank's secret env values: exported from a mounted 0600 file at start, never `-e`."""
+        return split_env({**d.setup.env, **host.env})[1]
+
+    def secret_files(self, d, host) -> tuple:
+        secrets = self.secret_env(d, host)
+        return (secrets_put(d.secrets_file("env"), secrets),) if secrets else ()
 
     def served_name(self, d) -> str:
         return d.served_name if d.facts.flag("served-model-name") else d.model_path(d.head)[1]
@@ -315,12 +324,15 @@ class Sglang:
         argv = self.launch_argv(d, host)
         host_path, container_path = d.model_path(host)
         o = d.profile.docker
-        return ContainerSpec(cluster=d.cluster, role="sglang-head" if rank == 0 else f"sglang-node-{rank}",
+        spec = ContainerSpec(cluster=d.cluster, role="sglang-head" if rank == 0 else f"sglang-node-{rank}",
                              node="head" if rank == 0 else "worker", image=d.profile.image, entrypoint=argv[0],
                              command=argv[1:], env=tuple(sorted(self.node_env(d, host).items())),
                              mounts=((host_path, container_path, "ro"),), network=o.network, ipc=o.ipc,
                              shm_size=o.shm_size, gpus=o.gpus if d.profile.device == "gpu" else None,
                              privileged=o.privileged)
+        secrets = self.secret_env(d, host)
+        return with_secrets(spec, file=d.secrets_file("env"), digest_=secrets_digest(secrets, d.cluster)) \
+            if secrets else spec
 
     def containers(self, d) -> dict[str, list[ContainerSpec]]:
         return {h.name: [self.container(d, h)] for h in d.hosts}
@@ -334,7 +346,7 @@ class Sglang:
             # the ranks form one process group: when one of them is (re)started, the others must restart too
             what = "rank 0 and the API server" if i == 0 else f"rank {i}"
             steps.append(container_step(spec, host=h.name, phase="engine", after=tuple(x for x in ids if x != ids[i]),
-                                        reason=f"SGLang {d.facts.version} {what} of {len(d.hosts)} node(s), "
+                                        files=self.secret_files(d, h), reason=f"SGLang {d.facts.version} {what} of {len(d.hosts)} node(s), "
                                                f"TP {d.setup.tp} over all their GPUs"))
         return steps + self.ready_steps(d, specs[0].name, ready_timeout)
 

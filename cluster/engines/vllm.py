@@ -6,7 +6,8 @@ import json
 from typing import Any, Iterator
 
 from ..checks import ERROR, WARNING, Finding, Setup, _profiles_for, capability
-from ..config import Inventory, Profile, flag_name
+from ..config import Inventory, Profile, Secret, flag_name
+from ..containers import split_env
 from ..errors import ConfigError
 from ..memory import runtime_dtype
 from ..steps import Http, Step
@@ -38,13 +39,19 @@ def validate(inventory: Inventory, profile: Profile, sets: dict[str, Any], extra
 
 def node_env(d, host) -> dict[str, str]:
     """Every vLLM node's env: the profile's and inventory's, its own address, and the NIC for NCCL and GLOO
-    (without GLOO_SOCKET_IFNAME gloo binds the hostname's address, often 127.0.0.1, and peers never connect)."""
-    env = {**d.setup.env, **host.env}
+    (without GLOO_SOCKET_IFNAME gloo binds the hostname's address, often 127.0.0.1, and peers never connect).
+    Secret values are not in it (secret_env: they reach the processes through a 0600 file)."""
+    env, _ = split_env({**d.setup.env, **host.env})
     env["VLLM_HOST_IP"] = host.address
     if host.interface:
         env["NCCL_SOCKET_IFNAME"] = host.interface
         env["GLOO_SOCKET_IFNAME"] = host.interface
     return env
+
+
+def secret_env(d, host) -> dict[str, Secret]:
+    """The node's secret env values (deploy.env, then hosts[].env): for its 0600 file, never for `-e`."""
+    return split_env({**d.setup.env, **host.env})[1]
 
 
 def ready_steps(d, *, timeout: float, alive: tuple, log: tuple) -> list[Step]:

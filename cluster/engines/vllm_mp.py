@@ -4,20 +4,16 @@ builds, which refuse Ray)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from ..checks import ERROR, Finding
 from ..memory import GIB
-from ..containers import ContainerSpec, container_step
+from ..containers import SECRETS_MOUNT as ENV_MOUNT
+from ..containers import ContainerSpec, container_step, secrets_digest, secrets_put, split_env, with_secrets
 from ..steps import Put, Step
 from . import LogSource, vllm
 from .vllm_ray import VllmRay
 
 MASTER_PORT = 29501          # torch.distributed's store on the head; pinned so firewalls can allow it
-SECRETS_MOUNT = "/run/gpucluster/api.env"
-# Exports the KEY=value lines of a mounted 0600 file (literally: nothing in a value is expanded), then execs
-# the server: the key is in no argv and in no container config (`docker inspect` shows the path only).
-WITH_SECRETS = 'while IFS= read -r kv; do export "$kv"; done < "$0"; exec "$@"'
+SECRETS_MOUNT = "/run/gpucluster/api.env"    # the head's file when it holds the API key (else ENV_MOUNT)
 MP_FLAGS = {"nnodes": "(gpucluster: the number of hosts)", "node-rank": "(gpucluster: one per host)",
             "master-addr": "(gpucluster: the head's address)", "master-port": "(gpucluster: pinned)",
             "headless": "(gpucluster: every host but the head)",
@@ -35,7 +31,7 @@ def mp_supported(s) -> list[Finding]:
 def cpu_memory(d, probed) -> list[Finding]:
     """A CPU node holds its weight shard plus VLLM_CPU_KVCACHE_SPACE GiB of KV cache in RAM, and ~1.5 GiB more."""
     weights = d.setup.model.weight_bytes / (d.setup.tp * d.setup.pp) if d.setup.model else 0
-    kv = float(d.setup.env.get("VLLM_CPU_KVCACHE_SPACE") or 4) * GIB
+    kv = float(split_env(d.setup.env)[0].get("VLLM_CPU_KVCACHE_SPACE") or 4) * GIB     # a secret one: unknown
     need = weights + kv + 1.5 * GIB
     out = []
     for h in d.hosts:
@@ -70,18 +66,32 @@ class VllmMp(VllmRay):
             argv += ["--nnodes", str(len(d.hosts)), "--node-rank", str(rank), "--master-addr", d.head.address,
                      "--master-port", str(MASTER_PORT), *(["--headless"] if rank else [])]
         host_path, container_path = d.model_path(host)
-        mounts = [(host_path, container_path, "ro")]
-        entry, command = argv[0], tuple(argv[1:])
-        if d.api_key is not None:
-            mounts.append((d.secrets_file("api"), SECRETS_MOUNT, "ro"))
-            entry, command = "sh", ("-c", WITH_SECRETS, SECRETS_MOUNT, *argv)
         o = d.profile.docker
-        return ContainerSpec(cluster=d.cluster, role="vllm-head" if rank == 0 else f"vllm-node-{rank}",
-                             node="head" if rank == 0 else "worker", image=d.profile.image, entrypoint=entry,
-                             command=command, env=tuple(sorted(self.node_env(d, host).items())),
-                             mounts=tuple(mounts), network=o.network, ipc=o.ipc, shm_size=o.shm_size,
-                             gpus=o.gpus if d.profile.device == "gpu" else None, privileged=o.privileged,
-                             extra_hash=self.api_hash(d))
+        spec = ContainerSpec(cluster=d.cluster, role="vllm-head" if rank == 0 else f"vllm-node-{rank}",
+                             node="head" if rank == 0 else "worker", image=d.profile.image, entrypoint=argv[0],
+                             command=tuple(argv[1:]), env=tuple(sorted(self.node_env(d, host).items())),
+                             mounts=((host_path, container_path, "ro"),), network=o.network, ipc=o.ipc,
+                             shm_size=o.shm_size, gpus=o.gpus if d.profile.device == "gpu" else None,
+                             privileged=o.privileged, extra_hash=self.api_hash(d))
+        if not self.node_secrets(d, host):
+            return spec
+        file, mount = self._secrets_paths(d, host)      # the key and the env secrets: one mounted 0600 file
+        return with_secrets(spec, file=file, mount=mount,
+                            digest_=secrets_digest(self.secret_env(d, host), d.cluster))   # the key: in api_hash
+
+    def node_secrets(self, d, host) -> dict:
+        """What this node's server exports from its file: its secret env, and on the head the API key."""
+        key = {"VLLM_API_KEY": d.api_key} if host is d.head and d.api_key is not None else {}
+        return {**self.secret_env(d, host), **key}
+
+    def _secrets_paths(self, d, host) -> tuple[str, str]:
+        if host is d.head and d.api_key is not None:
+            return d.secrets_file("api"), SECRETS_MOUNT
+        return d.secrets_file("env"), ENV_MOUNT
+
+    def secret_files(self, d, host) -> tuple[Put, ...]:
+        secrets = self.node_secrets(d, host)
+        return (secrets_put(self._secrets_paths(d, host)[0], secrets),) if secrets else ()
 
     def steps(self, d, *, join_timeout: float = 180, ready_timeout: float = 1800) -> list[Step]:
         specs = [self.container(d, h) for h in d.hosts]
@@ -91,14 +101,10 @@ class VllmMp(VllmRay):
             # the nodes form one process group: when one of them is (re)started, the others must restart too
             others = tuple(x for x in ids if x != ids[i])
             what = "API server and rank 0" if i == 0 else f"rank {i} (--headless)"
-            step = container_step(spec, host=h.name, phase="engine", after=others,
-                                  reason=f"vLLM {d.facts.version} {what} of {len(d.hosts)} node(s), "
-                                         f"TP {d.setup.tp} x PP {d.setup.pp}, without Ray")
-            if i == 0 and d.api_key is not None:      # the key file first (mounted read-only, never in argv/env)
-                key = Put(path=d.secrets_file("api"), mode=0o600, secrets=(("VLLM_API_KEY", d.api_key),))
-                step = dataclasses.replace(step, ops=(key, *step.ops), variants={
-                    **step.variants, "replace": (key, *step.variants["replace"])})
-            steps.append(step)
+            # the secrets file first (mounted read-only: the key and secret env are never in argv or config)
+            steps.append(container_step(spec, host=h.name, phase="engine", after=others, files=self.secret_files(d, h),
+                                        reason=f"vLLM {d.facts.version} {what} of {len(d.hosts)} node(s), "
+                                               f"TP {d.setup.tp} x PP {d.setup.pp}, without Ray"))
         head = specs[0].name
         return steps + vllm.ready_steps(d, timeout=ready_timeout, alive=(d.head.name, ("docker", "exec", head, "true")),
                                         log=(d.head.name, ("docker", "logs", "--tail", "20", head)))

@@ -8,7 +8,7 @@ import json
 
 from .. import knowledge
 from ..checks import ERROR, Finding
-from ..containers import ContainerSpec, container_step, digest
+from ..containers import ContainerSpec, container_step, digest, secrets_digest, secrets_put, with_secrets
 from ..steps import Check, Cmd, Put, Step, Wait
 from . import LogSource, vllm
 
@@ -80,12 +80,15 @@ class VllmRay:
         command += (f"--num-gpus={host.gpus.count if host.gpus else 0}", "--disable-usage-stats", "--block")
         env = self.node_env(d, host)
         o = d.profile.docker
-        return ContainerSpec(cluster=d.cluster, role="ray-head" if host is head else "ray-worker",
+        spec = ContainerSpec(cluster=d.cluster, role="ray-head" if host is head else "ray-worker",
                              node="head" if host is head else "worker", image=d.profile.image, entrypoint="ray",
                              command=command, env=tuple(sorted(env.items())),
                              mounts=((host_path, container_path, "ro"),), network=o.network, ipc=o.ipc,
                              shm_size=o.shm_size, gpus=o.gpus if d.profile.device == "gpu" else None,
                              privileged=o.privileged)
+        secrets = self.secret_env(d, host)     # Ray's raylet and the workers it starts get them from its env
+        return with_secrets(spec, file=d.secrets_file("env"), digest_=secrets_digest(secrets, d.cluster)) \
+            if secrets else spec
 
     def containers(self, d) -> dict[str, list[ContainerSpec]]:
         return {h.name: [self.container(d, h)] for h in d.hosts}
@@ -94,13 +97,29 @@ class VllmRay:
         """The environment of this engine's processes on one host (also what `check network` runs with)."""
         return vllm.node_env(d, host)
 
+    def secret_env(self, d, host) -> dict:
+        """The secret env values of this engine's processes on one host (a 0600 file, never `-e`)."""
+        return vllm.secret_env(d, host)
+
+    def secret_files(self, d, host) -> tuple[Put, ...]:
+        """The 0600 file a node's container mounts (with_secrets), written before the container (re)starts."""
+        secrets = self.secret_env(d, host)
+        return (secrets_put(d.secrets_file("env"), secrets),) if secrets else ()
+
+    def api_secrets(self, d) -> dict:
+        """What the API server gets from its 0600 env file (`docker exec --env-file`, which `docker inspect` of the
+        container does not show): the head's secret env (exec does not see what the container's process
+        exported) and the API key."""
+        return {**self.secret_env(d, d.head), **({"VLLM_API_KEY": d.api_key} if d.api_key is not None else {})}
+
     def api_argv(self, d) -> tuple[str, ...]:
         return vllm.api_argv(d.setup, model_path=d.model_path(d.head)[1], served_name=d.served_name, port=d.port)
 
     def api_hash(self, d) -> str:
         """The API server's spec: its argv, and the key it serves with (as a digest: rotating it restarts)."""
         key = d.api_key.digest(d.cluster) if d.api_key is not None else None
-        return digest({"argv": self.api_argv(d), "key": key})
+        env = secrets_digest(self.secret_env(d, d.head), d.cluster)
+        return digest({"argv": self.api_argv(d), "key": key, **({"env": env} if env else {})})
 
     # ------------------------------------------------------------------ steps
     def steps(self, d, *, join_timeout: float = 180, ready_timeout: float = 1800) -> list[Step]:
@@ -108,13 +127,13 @@ class VllmRay:
         specs = {h.name: self.container(d, h) for h in d.hosts}
         head_name = specs[head.name].name
         head_step = container_step(specs[head.name], host=head.name, phase="ray-head",
-                                   reason=f"Ray head on {head.address}:{RAY_PORT}")
+                                   reason=f"Ray head on {head.address}:{RAY_PORT}", files=self.secret_files(d, head))
         steps = [head_step, self._joined(d, head_name, [head], 0, join_timeout, "ray-head")]
         workers = [h for h in d.hosts if h is not head]
         for h in workers:
             steps.append(container_step(specs[h.name], host=h.name, phase="ray-workers", after=(head_step.id,),
                                         reason=f"Ray worker joining {head.address}:{RAY_PORT} (restarted when the "
-                                               "head is new)"))
+                                               "head is new)", files=self.secret_files(d, h)))
         steps.append(self._joined(d, head_name, list(d.hosts), d.setup.tp * d.setup.pp, join_timeout,
                                   "ray-workers"))       # exactly these nodes (one that left must be gone)
         steps += [self._api(d, head_name), *self._ready(d, head_name, ready_timeout)]
@@ -133,10 +152,11 @@ class VllmRay:
         spec = self.api_hash(d)
         exec_argv = ["docker", "exec", "-d"]
         puts: tuple = ()
-        if d.api_key is not None:
+        secrets = self.api_secrets(d)
+        if secrets:
             env_file = d.secrets_file("api")
             exec_argv += ["--env-file", env_file]
-            puts = (Put(path=env_file, mode=0o600, secrets=(("VLLM_API_KEY", d.api_key),)),)
+            puts = (secrets_put(env_file, secrets),)
         start = (*puts, Cmd(argv=(*exec_argv, head_name, "sh", "-c", API_LAUNCHER, spec, *self.api_argv(d))))
         s = d.setup
         return Step(id=f"{d.head.name}/api", host=d.head.name, phase="api",

@@ -195,9 +195,212 @@ def test_one_host_serves_another_over_loopback_with_a_token(tmp_path, hub):
     (dst / "sub").mkdir(parents=True)
     (dst / "sub" / "tokenizer.json").write_bytes(b"x" * len(FILES["sub/tokenizer.json"]))   # corrupt, same size
     done = d.agent_sync(peer, str(dst), lambda e: None, token=d.read_token(str(tmp_path / "token")))
-    assert done["summary"].startswith("repaired 3 file(s)") and done["summary"].endswith("from h1")
+    assert done["summary"].startswith("repaired 3 file(s)") and "from h1;" in done["summary"]
+    assert done["summary"].endswith("verified: 3 by the source's hash, 0 by the head's")
     for p, data in FILES.items():
         if p != "weights.pth":                                               # excluded on the source
             assert (dst / p).read_bytes() == data
     again = d.agent_sync(peer, str(dst), lambda e: None, token="tok")
     assert again["summary"] == "present" and again["fetched"] == []
+
+
+# ---------------------------------------------------------------- a source that lists no hash
+class HashlessHub(Hub):
+    """A mirror whose file tree gives sizes only: no LFS sha256, no git blob id."""
+
+    def __init__(self):
+        super().__init__(ranges=True)
+        handler = self.server.RequestHandlerClass
+        original = handler.do_GET
+
+        def do_GET(h):
+            if h.path.startswith("/api/models/org/model/tree/c0ffee"):
+                tree = [{"type": "file", "path": p, "size": len(data)} for p, data in FILES.items()]
+                return h._send(200, json.dumps(tree).encode())
+            return original(h)
+        handler.do_GET = do_GET
+
+
+@pytest.fixture
+def hashless():
+    h = HashlessHub()
+    yield h
+    h.server.shutdown()
+
+
+def _serve(src, events):
+    server = threading.Thread(target=d.agent_serve, daemon=True, args=(
+        {"bind": "127.0.0.1", "port": 0, "idle": 5}, str(src), events.append, "tok"))
+    server.start()
+    while not any(e["ev"] == "listening" for e in events):
+        threading.Event().wait(0.05)
+    port = next(e["port"] for e in events if e["ev"] == "listening")
+    return {**job(f"http://127.0.0.1:{port}"), "kind": "peer", "peer_name": "h1"}
+
+
+def _flip(path, at=1000):
+    data = bytearray(path.read_bytes())
+    data[min(at, len(data) - 1)] ^= 0xFF
+    path.write_bytes(bytes(data))          # same size, new mtime
+
+
+def test_hashless_listing_head_records_its_own_sha256(hashless, tmp_path):
+    res = d.agent_sync(job(hashless.endpoint), str(tmp_path), lambda e: None)
+    doc = json.loads((tmp_path / d.MANIFEST).read_text())
+    kept = [p for p in FILES if p != "weights.pth"]
+    assert {f["path"]: f["sha256"] for f in doc["files"]} == {p: hashlib.sha256(FILES[p]).hexdigest() for p in kept}
+    assert {f["hash_by"] for f in doc["files"]} == {"head"}
+    assert res["verified"] == {"source": 0, "head": 3}
+    assert res["summary"].endswith("verified: 0 by the source's hash, 3 hashed here (the source lists none)")
+
+
+def test_hashless_listing_head_checks_against_its_own_hash(hashless, tmp_path):
+    d.agent_sync(job(hashless.endpoint), str(tmp_path), lambda e: None)
+    _flip(tmp_path / "model.safetensors")                  # corrupt on the head: its recorded sha256 catches it
+    (tmp_path / "config.json").touch()                     # touched only: hashed again, matches, kept
+    hashless.log.clear()
+    res = d.agent_sync(job(hashless.endpoint), str(tmp_path), lambda e: None)
+    assert res["fetched"] == ["model.safetensors"] and hashless.files_served() == ["model.safetensors"]
+    assert (tmp_path / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+    hashless.log.clear()
+    res = d.agent_sync(job(hashless.endpoint, verify=True), str(tmp_path), lambda e: None)   # --verify: all hashed
+    assert res["fetched"] == [] and hashless.files_served() == []
+
+
+def test_hashless_listing_never_hashed_file_is_fetched_again(hashless, tmp_path):
+    """A file present before any manifest vouched for it, with no hash anywhere, is not trusted on its size."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "tokenizer.json").write_bytes(b"x" * len(FILES["sub/tokenizer.json"]))
+    res = d.agent_sync(job(hashless.endpoint), str(tmp_path), lambda e: None)
+    assert "sub/tokenizer.json" in res["fetched"]
+    assert (tmp_path / "sub" / "tokenizer.json").read_bytes() == FILES["sub/tokenizer.json"]
+
+
+def test_hashless_listing_moved_revision_is_not_vouched_by_old_hashes(hashless, tmp_path):
+    d.agent_sync(job(hashless.endpoint), str(tmp_path), lambda e: None)
+    doc = json.loads((tmp_path / d.MANIFEST).read_text())
+    doc["commit"] = "0ld"                                   # what the head hashed belongs to another commit
+    (tmp_path / d.MANIFEST).write_text(json.dumps(doc))
+    hashless.log.clear()
+    res = d.agent_sync(job(hashless.endpoint), str(tmp_path), lambda e: None)
+    assert sorted(res["fetched"]) == ["config.json", "model.safetensors", "sub/tokenizer.json"]
+
+
+def test_hashless_listing_peer_copy_detects_a_corrupted_byte(hashless, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    d.agent_sync(job(hashless.endpoint), str(src), lambda e: None)
+    peer = _serve(src, [])
+    first = d.agent_sync(peer, str(dst), lambda e: None, token="tok")
+    assert first["summary"].startswith("copied 3 file(s)")
+    assert first["summary"].endswith("verified: 0 by the source's hash, 3 by the head's")
+    peer_doc = json.loads((dst / d.MANIFEST).read_text())
+    assert {f["path"]: (f["sha256"], f["hash_by"]) for f in peer_doc["files"]} == {
+        p: (hashlib.sha256(FILES[p]).hexdigest(), "head") for p in FILES if p != "weights.pth"}
+    _flip(dst / "model.safetensors")                       # one byte on the peer, same size
+    again = d.agent_sync(peer, str(dst), lambda e: None, token="tok")
+    assert again["fetched"] == ["model.safetensors"] and again["summary"].startswith("repaired 1 file(s)")
+    assert (dst / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+
+
+def test_hashless_listing_peer_refuses_bytes_the_head_did_not_hash(hashless, tmp_path):
+    """The head's file changed after it was hashed: the peer's download fails the head's sha256."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    d.agent_sync(job(hashless.endpoint), str(src), lambda e: None)
+    _flip(src / "model.safetensors")
+    peer = _serve(src, [])
+    with pytest.raises(d.AgentError, match="checksum mismatch"):
+        d.agent_sync(peer, str(dst), lambda e: None, token="tok")
+    assert not (dst / "model.safetensors").exists()
+
+
+def test_peer_refuses_a_manifest_without_sha256(hub, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    d.agent_sync(job(hub.endpoint), str(src), lambda e: None)
+    doc = json.loads((src / d.MANIFEST).read_text())
+    for f in doc["files"]:
+        if f["path"] == "config.json":
+            del f["sha256"]                                 # an old manifest, or a head that never hashed it
+    (src / d.MANIFEST).write_text(json.dumps(doc))
+    peer = _serve(src, [])
+    with pytest.raises(d.AgentError, match="no sha256 for 'config.json'.*--verify"):
+        d.agent_sync(peer, str(dst), lambda e: None, token="tok")
+    assert not (dst / "config.json").exists()
+
+
+def test_malformed_listing_hash_is_no_hash(tmp_path):
+    h = HashlessHub()
+    handler = h.server.RequestHandlerClass
+    hashless_get = handler.do_GET
+
+    def do_GET(r):
+        if r.path.startswith("/api/models/org/model/tree/c0ffee"):
+            tree = [{"type": "file", "path": "config.json", "size": len(FILES["config.json"]), "oid": "not-hex",
+                     "lfs": None}]
+            return r._send(200, json.dumps(tree).encode())
+        return hashless_get(r)
+    handler.do_GET = do_GET
+    try:
+        res = d.agent_sync(job(h.endpoint, include=["config.json"]), str(tmp_path), lambda e: None)
+    finally:
+        h.server.shutdown()
+    assert res["fetched"] == ["config.json"] and res["verified"] == {"source": 0, "head": 1}
+
+
+# ---------------------------------------------------------------- the relay through this machine
+class _LocalHosts:
+    """Stands in for the executor's hosts: every "host" is a folder on this machine."""
+
+    class _Sftp:
+        def open(self, path, mode):
+            f = open(path, mode)
+            f.set_pipelined = lambda _on: None
+            return f
+
+        def putfo(self, fo, path):
+            with open(path, "wb") as f:
+                f.write(fo.read())
+
+        def close(self):
+            pass
+
+    def sftp(self, host):
+        return self._Sftp()
+
+    def host(self, name):
+        return name
+
+
+class _LocalEx:
+    hosts = _LocalHosts()
+
+    def run(self, host, argv, timeout=None):
+        import subprocess
+
+        class R:
+            pass
+        r = subprocess.run(list(argv), capture_output=True, text=True)
+        out = R()
+        out.ok, out.stdout, out.rc = r.returncode == 0, r.stdout, r.returncode
+        out.last_line = lambda: (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+        return out
+
+
+def test_relay_through_this_machine_verifies_against_the_heads_hash(hashless, tmp_path):
+    from cluster.delivery import control
+    src, dst = tmp_path / "head", tmp_path / "other"
+    d.agent_sync(job(hashless.endpoint), str(src), lambda e: None)      # no source hash: the head's sha256
+    dst.mkdir()
+    out = control.copy_tree(_LocalEx(), "head", str(src), "other", str(dst), lambda line: None)
+    assert out.startswith("copied 3 file(s)") and out.endswith("verified: 0 by the source's hash, 3 by the head's")
+    _flip(dst / "config.json", at=3)
+    out = control.copy_tree(_LocalEx(), "head", str(src), "other", str(dst), lambda line: None)
+    assert out.startswith("repaired 1 file(s)") and (dst / "config.json").read_bytes() == FILES["config.json"]
+    _flip(src / "sub" / "tokenizer.json", at=5)           # the head's bytes no longer match its own hash
+    _flip(dst / "sub" / "tokenizer.json", at=7)
+    with pytest.raises(RuntimeError, match="checksum mismatch after copy"):
+        control.copy_tree(_LocalEx(), "head", str(src), "other", str(dst), lambda line: None)
+    doc = json.loads((src / d.MANIFEST).read_text())
+    del doc["files"][0]["sha256"]
+    (src / d.MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(RuntimeError, match="no sha256"):
+        control.copy_tree(_LocalEx(), "head", str(src), "other", str(dst), lambda line: None)

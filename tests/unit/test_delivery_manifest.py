@@ -95,3 +95,35 @@ def test_confined_refuses_paths_that_leave_the_folder(tmp_path):
     for bad in ("../escaped.txt", "/tmp/x", "sub/../../x", "link/x", "", "a\\b", "sub//x"):
         with pytest.raises(ValueError):
             d.confined(str(root), bad)
+
+
+def test_usable_hash_and_what_a_file_is_checked_against():
+    assert d.usable_hash(SHA_A.upper(), 64) == SHA_A and d.usable_hash("1" * 40, 40) == "1" * 40
+    for bad in (None, "", "z" * 64, SHA_A[:-1], 42, SHA_A + "0"):
+        assert d.usable_hash(bad, 64) is None
+    # the source's hash first (a hub: by "source"; a peer's listing keeps the head's word)
+    assert d.reference(entry("a", 1, SHA_A), entry("a", 1, SHA_B, mtime=1)) == (SHA_A, None, "source")
+    assert d.reference({**entry("a", 1, SHA_A), "hash_by": "head"}, None) == (SHA_A, None, "head")
+    assert d.reference(entry("a", 1, oid="1" * 40), None) == (None, "1" * 40, "source")
+    # no source hash: what this host recorded when it fetched the file (same size), else nothing to check against
+    assert d.reference(entry("a", 1), entry("a", 1, SHA_B, mtime=1)) == (SHA_B, None, "head")
+    assert d.reference(entry("a", 1), entry("a", 2, SHA_B, mtime=1)) == (None, None, "")
+    assert d.reference(entry("a", 1), entry("a", 1, mtime=1)) == (None, None, "")
+    assert d.reference(entry("a", 1), None) == (None, None, "")
+
+
+def test_plan_host_trusts_only_a_manifest_that_recorded_a_sha256():
+    expected = [entry("a", 10)]                             # the source lists no hash
+    scanned = {"a": (10, 5)}
+    assert d.plan_host(expected, scanned, {"a": entry("a", 10, mtime=5)}) == ([], ["a"])        # size only: hash it
+    assert d.plan_host(expected, scanned, {"a": entry("a", 10, SHA_A, mtime=5)}) == ([], [])    # the head's hash
+
+
+def test_manifest_keeps_who_gave_the_hash_and_counts_it():
+    spec = {"model": "org/m", "revision": "main", "include": [], "exclude": []}
+    files = [{**entry("a", 1, SHA_A, mtime=1), "hash_by": "source"},
+             {**entry("b", 2, SHA_B, mtime=2), "hash_by": "head"}, {**entry("c", 3, SHA_B, mtime=3), "hash_by": "head"}]
+    doc = d.manifest_doc(spec, "abc", files)
+    assert [f["hash_by"] for f in doc["files"]] == ["source", "head", "head"]
+    assert d.verified_counts(d.manifest_files(doc, spec).values()) == {"source": 1, "head": 2}
+    assert d.verified_counts([entry("x", 1, SHA_A)]) == {"source": 0, "head": 1}   # unknown: not the source's word
