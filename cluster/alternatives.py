@@ -20,8 +20,9 @@ from .models import ModelFacts
 
 MIN_MODEL_LEN = 1024          # below this an alternative is not worth proposing
 MAX_FIX_ROUNDS = 6
-IMAGE_REPO = {"vllm": "vllm/vllm-openai", "sglang": "lmsysorg/sglang"}   # also the engines searched, in order
-LABEL = {"vllm": "vLLM", "vllm-mp": "vLLM", "sglang": "SGLang"}
+IMAGE_REPO = {"vllm": "vllm/vllm-openai", "sglang": "lmsysorg/sglang", "ollama": "ollama/ollama"}   # also the
+# engines searched, in order (Ollama last: a GGUF in place of the model asked for)
+LABEL = {"vllm": "vLLM", "vllm-mp": "vLLM", "sglang": "SGLang", "ollama": "Ollama"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,16 +34,18 @@ class Alternative:
     engine_args: dict[str, Any]   # what deploy.engine_args must hold (the inventory's, plus the fixes)
     verdict: str
     why: str
+    model: str | None = None      # the model it deploys in place of deploy.model (Ollama: a GGUF of it)
 
     @property
     def gpus(self) -> int:
         return self.tp * self.pp
 
     def as_dict(self) -> dict:
-        return {"profile": self.profile.name if self.shipped else None, "image": self.profile.image,
-                "engine": self.profile.engine, "version": self.profile.version, "tensor_parallel": self.tp,
-                "pipeline_parallel": self.pp, "engine_args": dict(self.engine_args), "verdict": self.verdict,
-                "why": self.why}
+        out = {"profile": self.profile.name if self.shipped else None, "image": self.profile.image,
+               "engine": self.profile.engine, "version": self.profile.version, "tensor_parallel": self.tp,
+               "pipeline_parallel": self.pp, "engine_args": dict(self.engine_args), "verdict": self.verdict,
+               "why": self.why}
+        return {**out, "model": self.model} if self.model else out
 
 
 class NoAlternative(GpuclusterError):
@@ -164,7 +167,8 @@ def evaluate(inv: Inventory, prof: Profile, model: ModelFacts | None, *, sets: d
 
 def _why(prof: Profile, s: Setup, findings, added: dict, cc: str) -> str:
     f = s.facts
-    seen = "confirmed" if f.image_confirmed else "inferred from the image's torch arch list, not yet run here"
+    arch = "CUDA runners' arch list" if prof.engine == "ollama" else "torch arch list"
+    seen = "confirmed" if f.image_confirmed else f"inferred from the image's {arch}, not yet run here"
     name = LABEL.get(prof.engine, prof.engine)
     parts = [f"{name} {f.version} ({f.released}, torch {f.torch}, CUDA {f.cuda}) runs on cc {cc} ({seen}) and "
              f"knows {s.model.architecture}" if s.model else f"{name} {f.version} runs on cc {cc} ({seen})",
@@ -174,6 +178,17 @@ def _why(prof: Profile, s: Setup, findings, added: dict, cc: str) -> str:
     parts += [f"{k} {v} ({reasons.get(k, 'needed')})" for k, v in added.items()]
     parts += [f"warning {x.code}" for x in findings]
     return "; ".join(parts)
+
+
+def _adapted(inv: Inventory, prof: Profile, model: ModelFacts | None):
+    """(inventory, model facts, the model deployed instead or None) as this engine would serve the request, or
+    None where it cannot: an engine may serve another form of the model (Ollama: a GGUF); an Ollama name or GGUF
+    is served by Ollama only."""
+    adapt = getattr(engines.get(prof.engine), "adapt", None)
+    if adapt is not None:
+        return adapt(inv, model)
+    from . import gguf
+    return None if gguf.is_ref(inv.deploy.model) else (inv, model, None)
 
 
 def search(inv: Inventory, model: ModelFacts | None, *, sets: dict[str, Any] | None = None, engine: str = "vllm",
@@ -187,13 +202,21 @@ def search(inv: Inventory, model: ModelFacts | None, *, sets: dict[str, Any] | N
     order = [e for e in dict.fromkeys([engine, *IMAGE_REPO]) if e != "sglang" or checks.capability(cc) >= (7, 5)]
     found = []
     for prof, shipped in (c for e in order for c in candidates(e)):
-        got = evaluate(inv, prof, model, sets=sets, tp=tp, pp=pp)
+        adapted = _adapted(inv, prof, model)
+        if adapted is None:
+            continue
+        inv2, model2, instead = adapted
+        got = evaluate(inv2, prof, model2, sets=sets if inv2 is inv else None, tp=tp, pp=pp)
         if got is None:
             continue
         s, findings, added = got
-        args = {**{config.flag_name(k): v for k, v in inv.deploy.engine_args.items()}, **added}
+        args = {**{config.flag_name(k): v for k, v in inv2.deploy.engine_args.items()}, **added}
+        why = _why(prof, s, findings, added, cc)
+        if instead:
+            why = f"serves {instead} ({model2.dtype} GGUF, {model2.weight_bytes / 1e9:.1f} GB) in place of " \
+                  f"{inv.deploy.model}: --model {instead}; {why}"
         found.append(Alternative(profile=prof, shipped=shipped, tp=s.tp, pp=s.pp, engine_args=args,
-                                 verdict="warn" if findings else "ok", why=_why(prof, s, findings, added, cc)))
+                                 verdict="warn" if findings else "ok", why=why, model=instead))
         if len(found) >= limit:
             break
     return sorted(found, key=lambda a: (order.index(a.profile.engine),
@@ -209,5 +232,5 @@ def auto(inv: Inventory, model: ModelFacts | None) -> tuple[Inventory, Profile, 
                             "for the findings")
     a = found[0]
     deploy = dataclasses.replace(inv.deploy, profile=a.profile.name, tensor_parallel=a.tp, pipeline_parallel=a.pp,
-                                 engine_args=dict(a.engine_args))
+                                 engine_args=dict(a.engine_args), model=a.model or inv.deploy.model)
     return dataclasses.replace(inv, deploy=deploy), a.profile, a

@@ -102,6 +102,9 @@ def facts(model_id: str, source, *, offline: bool | None = None, cache_dir: str 
           ) -> ModelFacts | None:
     """Facts from the cache, else (unless offline) from the source's endpoints in order; None: offline, not cached."""
     offline = offline_requested() if offline is None else offline
+    from . import gguf
+    if gguf.is_ref(model_id):     # an Ollama name or hub GGUF (qwen3:32b, hf.co/ORG/REPO:Q4_K_M): cluster/gguf.py
+        return gguf.facts(model_id, source, offline=offline, cache_dir=cache_dir)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     eps = endpoints(source)
     if not eps:

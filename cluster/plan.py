@@ -250,7 +250,11 @@ def build(inventory: Inventory, profile: Profile, *, model: ModelFacts | None, t
                    port=inventory.deploy.port or profile.port)
     job = ModelJob(inventory=inventory, hosts=setup.hosts, image=profile.image, verify=verify,
                    transfer_token=transfer_token or Secret(literal=secrets.token_hex(24)))
-    steps = [*stray_steps(d), *image_steps(d), *image_check_steps(d), *head_steps(job), *fanout_steps(job),
+    # an engine may fetch its model itself (Ollama pulls through its API) and have no torch to check in its image
+    own_model = getattr(engine, "model_steps", None)
+    check = getattr(engine, "image_check_steps", image_check_steps)
+    steps = [*stray_steps(d), *image_steps(d), *check(d),
+             *(own_model(d) if own_model else [*head_steps(job), *fanout_steps(job)]),
              *engine.steps(d, join_timeout=join_timeout, ready_timeout=ready_timeout), *record.steps(d, sets or {})]
     return Plan(deployment=d, model=model, findings=tuple(findings), memory=setup.memory(), steps=tuple(steps))
 

@@ -60,8 +60,8 @@ class Engine(Protocol):
 
 
 def get(name: str) -> Engine:
-    from . import sglang, vllm_mp, vllm_ray
-    known = {e.name: e for e in (vllm_ray.ENGINE, vllm_mp.ENGINE, sglang.ENGINE)}
+    from . import ollama, sglang, vllm_mp, vllm_ray
+    known = {e.name: e for e in (vllm_ray.ENGINE, vllm_mp.ENGINE, sglang.ENGINE, ollama.ENGINE)}
     if name not in known:
         raise ConfigError(f"unknown engine {name!r}", field="profile.engine", fix="use one of: " + ", ".join(known))
     return known[name]
