@@ -145,8 +145,8 @@ class VllmRay:
         return Step(id=f"{d.head.name}/{phase}-joined", host=d.head.name, phase=phase, readonly=True,
                     reason=f"wait until Ray lists {', '.join(h.name for h in hosts)}"
                            + (f" and {gpus} GPUs" if gpus else ""),
-                    ops=(Wait(argv=probe, timeout=timeout, abort=("docker", "exec", head_name, "true"),
-                              log=("docker", "logs", "--tail", "20", head_name)),))     # a dead head ends the wait
+                    ops=(Wait(argv=probe, timeout=timeout,
+                              abort=("docker", "exec", head_name, "true")),))      # a dead head ends the wait
 
     def _api(self, d, head_name: str) -> Step:
         spec = self.api_hash(d)

@@ -8,7 +8,6 @@ the torch build that release pins); the model is Qwen3-32B's real config.json wi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -65,8 +64,6 @@ def test_image_whose_torch_lacks_the_gpu_arch_stops_up_before_the_model(rig, tmp
                f"(sm_70) is not supported by {tag}: its torch 2.7.1+cu128" in last, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
         assert "== model" not in r.stderr                        # stopped before the model phase
-        model_dir = Path(rig.host("h1")["model_dir"]) / "gpucluster--tiny-qwen2"
-        assert not model_dir.exists()
         assert labelled(rig, "e2e-imgcheck") == {}
 
         doc = gc("doctor", str(inv), "--json")

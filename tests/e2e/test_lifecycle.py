@@ -61,7 +61,8 @@ def chat(endpoint: str, model: str, *, key: str | None = None, stream: bool = Fa
 def ran(report: dict) -> dict[str, str]:
     """Steps that changed something in an `up --json` report: id -> variant (run when none)."""
     return {o["id"]: o.get("variant", "run") for o in report["steps"]
-            if o["status"] == "ran" and not o["id"].endswith(("/lock", "/unlock", "-joined"))
+            if o["status"] == "ran"
+            and not o["id"].endswith(("/lock", "/unlock", "-joined", "/image-check", "/record"))
             and not o["id"].startswith("control/")}
 
 

@@ -68,8 +68,10 @@ def expectations(dry: dict) -> tuple[dict, dict]:
         probes = [s.get("check")] + [op.get("wait") for op in s["ops"]]
         for op in s["ops"]:
             for key in ("abort", "log"):
-                if isinstance(op.get(key), dict):
+                if isinstance(op.get(key), dict):          # an Http op's probe names its host
                     looks[op[key]["host"]].add(tuple(op[key]["argv"][1:]))
+                elif isinstance(op.get(key), list) and op[key][:1] == ["docker"]:    # a Wait's runs on its step's
+                    looks[s["host"]].add(tuple(op[key][1:]))
         if s.get("readonly"):    # changes nothing (the in-image torch check: `docker run --rm`): may run every time
             probes += [op.get("argv") for op in s["ops"]]
         for argv in probes:
