@@ -8,6 +8,7 @@ the torch build that release pins); the model is Qwen3-32B's real config.json wi
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import yaml
@@ -17,7 +18,21 @@ from test_lifecycle import chat, gc, inventory, labelled
 pytestmark = pytest.mark.rig
 
 
-def test_auto_profile_runs_qwen3_32b_on_three_v100_hosts(rig, tmp_path):
+@pytest.fixture
+def large_model_disks(rig):
+    """The hosts' model folders on a 200 GB tmpfs (a limit, not an allocation: the shape model is a few KB), as
+    hosts that can hold Qwen3-32B's 65.5 GB would have; the rig's hosts otherwise share this machine's disk."""
+    dirs = [h["model_dir"] for h in rig.facts["hosts"][:3]]
+    for d in dirs:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200g,mode=0755", "gcrig-large", d], check=True)
+    try:
+        yield
+    finally:
+        for d in dirs:
+            subprocess.run(["umount", "-l", d], check=False)
+
+
+def test_auto_profile_runs_qwen3_32b_on_three_v100_hosts(rig, tmp_path, large_model_disks):
     shape = rig.facts["shape_model"]
     inv = inventory(rig, tmp_path, name="e2e-auto", hosts=3, profile="auto", model=shape["id"])
     data = yaml.safe_load(inv.read_text())
