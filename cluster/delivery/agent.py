@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import os
+import random
+import socket
 import socketserver
 import sys
 import threading
@@ -24,7 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 try:
     from .manifest import (HASH_BY, MANIFEST, PARTIAL_DIR, Entry, confined, has_source_hash, human, ignored,
@@ -38,15 +41,92 @@ except ImportError:   # run as a script on a host, manifest.py beside it
 TOKEN_ENV = "GPUCLUSTER_SOURCE_TOKEN"
 TRANSFER_ENV = "GPUCLUSTER_TRANSFER_TOKEN"
 CHUNK = 1 << 20
+CONNECT_TIMEOUT = 15.0    # seconds to open a connection (TLS included)
+READ_TIMEOUT = 30.0       # seconds any one read may wait: for the answer's headers, then for every chunk of its body
+
+
+class Policy(NamedTuple):
+    """A named retry policy at the I/O edge: at most `tries` attempts, no retry later than `within` seconds after
+    the first attempt (for a file: after its last byte arrived); waits double from `base` with jitter, each (a
+    server's numeric Retry-After too) at most `cap` seconds."""
+
+    name: str
+    tries: int
+    within: float
+    base: float
+    cap: float
+
+
+LISTING = Policy(name="listing", tries=4, within=120.0, base=1.0, cap=15.0)   # each request of the file list
+FILE = Policy(name="file", tries=5, within=600.0, base=2.0, cap=60.0)         # each file, resuming where it can
+RETRY_CODES = (429, 500, 502, 503, 504)
 
 
 class AgentError(Exception):
     """One line for the user."""
 
 
+class Transient(Exception):
+    """A failure worth another try (HTTP 429/5xx, reset, refused, timed out, cut short): the cause in words."""
+
+    def __init__(self, cause: str, *, code: int = 0, retry_after: Optional[float] = None, refused: bool = False):
+        super().__init__(cause)
+        self.code, self.retry_after, self.refused = code, retry_after, refused
+        self.progressed = False    # bytes arrived before it: the next try resumes from them
+        self.advice = ""           # said once, when the policy gives up
+
+
 def _emit_stdout(event: Dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
+
+
+def _quiet(event: Dict[str, Any]) -> None:
+    pass
+
+
+def with_retries(policy: Policy, what: str, emit: Callable[[Dict[str, Any]], None], attempt: Callable[[], Any]) -> Any:
+    """attempt() under the policy: a Transient failure is a note, a wait and another try; when the policy is spent,
+    one AgentError naming `what`, the last cause and the policy. Any other failure ends at once."""
+    tries, since = 0, time.monotonic()
+    while True:
+        tries += 1
+        try:
+            return attempt()
+        except Transient as e:
+            if e.progressed:
+                since = time.monotonic()
+            wait = backoff(policy, tries, e.retry_after)
+            if tries >= policy.tries or time.monotonic() - since + wait > policy.within:
+                raise AgentError(f"{what}: {e}{f' ({e.advice})' if e.advice else ''}; gave up after {tries} "
+                                 f"tries ({policy.name} policy: at most {policy.tries} tries within "
+                                 f"{policy.within:g} s)") from None
+            emit({"ev": "note", "msg": f"{what}: {e}; try {tries + 1} of {policy.tries} in {wait:.1f} s"})
+            time.sleep(wait)
+
+
+def backoff(policy: Policy, tries: int, retry_after: Optional[float]) -> float:
+    """Seconds before the next try: the server's Retry-After, else exponential with jitter; at most policy.cap."""
+    if retry_after is not None:
+        return min(retry_after, policy.cap)
+    step = min(policy.cap, policy.base * 2 ** (tries - 1))
+    return step / 2 + random.uniform(0, step / 2)
+
+
+def _retry_after(headers: Any) -> Optional[float]:
+    """A numeric Retry-After (seconds); an HTTP date or garbage is ignored (the policy's backoff applies)."""
+    value = str((headers.get("Retry-After") if headers is not None else None) or "").strip()
+    try:
+        secs = float(value)
+    except ValueError:
+        return None
+    return secs if 0 <= secs < float("inf") else None
+
+
+def bare(url: str) -> str:
+    """scheme://host[:port]/path of a URL: no credentials, no query (tokens and signatures stay out of messages)."""
+    s = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((s.scheme, s.netloc.rpartition("@")[2], s.path, "", ""))
 
 
 class _NoAuthOnRedirect(urllib.request.HTTPRedirectHandler):
@@ -61,8 +141,35 @@ class _NoAuthOnRedirect(urllib.request.HTTPRedirectHandler):
         return new
 
 
+class _TimedHTTPConnection(http.client.HTTPConnection):
+    """Connects within its timeout (CONNECT_TIMEOUT), then every read waits at most READ_TIMEOUT."""
+
+    def connect(self):
+        super().connect()
+        self.sock.settimeout(READ_TIMEOUT)
+
+
+class _TimedHTTP(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_TimedHTTPConnection, req)
+
+
+_HANDLERS: List[Any] = [_NoAuthOnRedirect, _TimedHTTP]
+if hasattr(http.client, "HTTPSConnection"):   # an interpreter built without ssl reaches only http:// sources
+    class _TimedHTTPSConnection(http.client.HTTPSConnection):
+        def connect(self):
+            super().connect()
+            self.sock.settimeout(READ_TIMEOUT)
+
+    class _TimedHTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(_TimedHTTPSConnection, req, context=self._context)
+
+    _HANDLERS.append(_TimedHTTPS)
+
+
 def _opener():
-    return urllib.request.build_opener(_NoAuthOnRedirect())
+    return urllib.request.build_opener(*(h() for h in _HANDLERS))
 
 
 def _request(url: str, token: Optional[str], headers: Optional[Dict[str, str]] = None) -> urllib.request.Request:
@@ -72,8 +179,13 @@ def _request(url: str, token: Optional[str], headers: Optional[Dict[str, str]] =
     return req
 
 
-def _http_error(job: Dict[str, Any], code: int, what: str, token: Optional[str]) -> AgentError:
-    repo, rev, ep = job["repo"], job.get("revision"), job["endpoint"]
+def _where(job: Dict[str, Any]) -> str:
+    """The source in messages: repository, revision, and the endpoint without credentials (or the peer's name)."""
+    ep = job.get("peer_name") if job["kind"] == "peer" and job.get("peer_name") else bare(job["endpoint"])
+    return f"{job['repo']}@{job.get('revision')} at {ep}"
+
+
+def _http_error(job: Dict[str, Any], code: int, what: str, token: Optional[str], url: str = "") -> AgentError:
     if code in (401, 403):
         why = ("access denied: gated or private (accept the license on the hub, check source.token)" if token else
                "not found, gated or private (olah and HF answer 401 for all three; check deploy.model, "
@@ -81,35 +193,96 @@ def _http_error(job: Dict[str, Any], code: int, what: str, token: Optional[str])
     elif code == 404:
         why = "not found (check deploy.model and source.revision)"
     else:
-        why = f"the server failed (HTTP {code}; mirrors answer 5xx for missing repositories too)"
-    return AgentError(f"{repo}@{rev} at {ep}: {what}: {why} [HTTP {code}]")
+        why = f"the server answered HTTP {code}"
+    return AgentError(f"{_where(job)}: {what}: {why} [HTTP {code}{' GET ' + bare(url) if url else ''}]")
 
 
-def _get_json(job: Dict[str, Any], url: str, token: Optional[str], what: str) -> Tuple[Any, Any]:
-    # A peer's server may still be starting: connection refused is retried for a while (a hub's is not).
-    deadline = time.monotonic() + (float(job.get("connect_wait", 20)) if job["kind"] == "peer" else 0)
+def _cause(err: BaseException) -> Optional[Transient]:
+    """A network failure worth another try (refused, reset, timed out, cut short); None: one that is not (DNS, TLS)."""
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return Transient("timed out (no answer within the socket timeout)")
+    if isinstance(reason, ConnectionRefusedError):
+        return Transient("connection refused", refused=True)
+    if isinstance(reason, (ConnectionError, http.client.IncompleteRead)):
+        return Transient(f"connection lost ({type(reason).__name__}: {reason})")
+    return None
+
+
+def _open(job: Dict[str, Any], url: str, token: Optional[str], what: str, headers: Optional[Dict[str, str]] = None):
+    """One GET with socket timeouts: the response; None for HTTP 416 to a Range request. A failure worth another
+    try raises Transient; 401/403/404 and the rest end this source at once (AgentError)."""
     try:
-        while True:
-            try:
-                with _opener().open(_request(url, token), timeout=60) as r:
-                    return json.loads(r.read().decode()), r.headers
-            except urllib.error.URLError as e:
-                if isinstance(e, urllib.error.HTTPError) or not isinstance(e.reason, ConnectionRefusedError) \
-                        or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        return _opener().open(_request(url, token, headers), timeout=CONNECT_TIMEOUT)
     except urllib.error.HTTPError as e:
-        raise _http_error(job, e.code, what, token) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise AgentError(f"{job['endpoint']}: cannot reach the model source ({getattr(e, 'reason', e)})") from None
+        e.close()
+        if e.code == 416 and headers and "Range" in headers:
+            return None
+        if e.code in RETRY_CODES:
+            raise Transient(f"HTTP {e.code} GET {bare(e.filename or url)}", code=e.code,
+                            retry_after=_retry_after(e.headers)) from None
+        raise _http_error(job, e.code, what, token, e.filename or url) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise (_cause(e) or AgentError(f"{_where(job)}: {what}: cannot reach the model source "
+                                       f"({getattr(e, 'reason', e)})")) from None
+
+
+def _read(resp, n: int = CHUNK) -> bytes:
+    """Up to n bytes of a body; a read that times out or breaks off is Transient."""
+    try:
+        return resp.read1(n)     # what has arrived: bytes before a stall are kept
+    except (OSError, ValueError, http.client.HTTPException) as err:
+        raise (_cause(err) or Transient(f"the answer broke off ({type(err).__name__}: {err})")) from None
+
+
+def _read_all(resp) -> bytes:
+    data = b"".join(iter(lambda: _read(resp), b""))
+    length = resp.headers.get("Content-Length", "")
+    if length.isdigit() and len(data) < int(length):
+        raise Transient(f"the answer ended after {len(data)} of {length} bytes")
+    return data
+
+
+def _open_waiting(job: Dict[str, Any], url: str, token: Optional[str], what: str):
+    """_open; a peer's server may still be starting: connection refused is retried quietly for a while (a hub's
+    is the listing policy's), and after that wait ends the source (the host then gets the files another way)."""
+    deadline = time.monotonic() + float(job.get("connect_wait", 20))
+    while True:
+        try:
+            return _open(job, url, token, what)
+        except Transient as e:
+            if not (e.refused and job["kind"] == "peer"):
+                raise
+            if time.monotonic() > deadline:
+                raise AgentError(f"{_where(job)}: {what}: cannot reach the model source (connection refused)") \
+                    from None
+            time.sleep(0.5)
+
+
+def _get_json(job: Dict[str, Any], url: str, token: Optional[str], what: str,
+              emit: Callable[[Dict[str, Any]], None] = _quiet) -> Tuple[Any, Any]:
+    """One listing request under the LISTING policy: (parsed JSON, headers)."""
+    def attempt() -> Tuple[bytes, Any]:
+        try:
+            with _open_waiting(job, url, token, what) as r:
+                return _read_all(r), r.headers
+        except Transient as e:
+            if e.code >= 500:
+                e.advice = "mirrors answer 5xx for missing repositories too"
+            raise
+
+    body, headers = with_retries(LISTING, f"{_where(job)}: {what}", emit, attempt)
+    try:
+        return json.loads(body.decode()), headers
     except ValueError:
-        raise AgentError(f"{url}: the answer is not JSON (is source.endpoint a hub?)") from None
+        raise AgentError(f"{bare(url)}: the answer is not JSON (is source.endpoint a hub?)") from None
 
 
-def list_remote(job: Dict[str, Any], token: Optional[str]) -> Tuple[str, List[Entry]]:
+def list_remote(job: Dict[str, Any], token: Optional[str],
+                emit: Callable[[Dict[str, Any]], None] = _quiet) -> Tuple[str, List[Entry]]:
     """(commit, files) at the revision; a listing is untrusted: a path that could leave the folder is refused, a
     malformed hash is no hash. A peer (the head) must give every file's sha256: it hashed what the source did not."""
-    commit, files = _list_remote(job, token)
+    commit, files = _list_remote(job, token, emit)
     for f in files:
         if not isinstance(f.get("path"), str) or not safe_relpath(f["path"]) or not isinstance(f.get("size"), int) \
                 or f["size"] < 0:
@@ -126,31 +299,32 @@ def list_remote(job: Dict[str, Any], token: Optional[str]) -> Tuple[str, List[En
     return commit, files
 
 
-def _list_remote(job: Dict[str, Any], token: Optional[str]) -> Tuple[str, List[Entry]]:
+def _list_remote(job: Dict[str, Any], token: Optional[str],
+                 emit: Callable[[Dict[str, Any]], None]) -> Tuple[str, List[Entry]]:
     """(commit, files) of the repository at the revision: sizes, and sha256 / git blob ids."""
     ep, repo, rev = job["endpoint"].rstrip("/"), job["repo"], job["revision"]
     q = urllib.parse.quote
     if job["kind"] == "peer":     # another host's copy, served by `agent serve`
-        doc, _ = _get_json(job, f"{ep}/manifest", token, "manifest")
+        doc, _ = _get_json(job, f"{ep}/manifest", token, "manifest", emit)
         files = [{k: f.get(k) for k in ("path", "size", "sha256", "oid", "hash_by")} for f in doc.get("files", [])
                  if isinstance(f, dict)] if isinstance(doc, dict) else []
         return str(doc.get("commit", "")) if isinstance(doc, dict) else "", files
     if job["kind"] == "modelscope":
         url = f"{ep}/api/v1/models/{q(repo)}/repo/files?Revision={q(rev, safe='')}&Recursive=True"
-        doc, _ = _get_json(job, url, token, "file list")
+        doc, _ = _get_json(job, url, token, "file list", emit)
         if not isinstance(doc, dict) or not doc.get("Success", doc.get("Code") == 200):
             raise AgentError(f"{repo}@{rev} at {ep}: {doc.get('Message') if isinstance(doc, dict) else doc}")
         files = [{"path": f["Path"], "size": int(f["Size"]), "sha256": f.get("Sha256") or None, "oid": None}
                  for f in (doc.get("Data") or {}).get("Files") or [] if f.get("Type", "blob") == "blob"]
         return rev, files
-    info, _ = _get_json(job, f"{ep}/api/models/{q(repo)}/revision/{q(rev, safe='')}", token, "revision")
+    info, _ = _get_json(job, f"{ep}/api/models/{q(repo)}/revision/{q(rev, safe='')}", token, "revision", emit)
     commit = info.get("sha") if isinstance(info, dict) else None
     if not commit:
         raise AgentError(f"{repo}@{rev} at {ep}: the revision answer has no commit sha")
     files: List[Entry] = []
     url: Optional[str] = f"{ep}/api/models/{q(repo)}/tree/{commit}?recursive=true"
     while url:
-        page, headers = _get_json(job, url, token, "file tree")
+        page, headers = _get_json(job, url, token, "file tree", emit)
         for f in page if isinstance(page, list) else []:
             if f.get("type") != "file":
                 continue
@@ -210,7 +384,7 @@ class _Ticker:
 
 def download_file(job: Dict[str, Any], commit: str, e: Entry, target: str, token: Optional[str],
                   tick: _Ticker) -> Tuple[str, str, int]:
-    """Download one file into target, resuming a partial copy where the server honours Range.
+    """Download one file into target under the FILE policy, resuming a partial copy where the server honours Range.
 
     Returns (sha256, git oid, bytes transferred). The final file appears (atomic rename) only
     after its size and checksum match the listing."""
@@ -218,73 +392,86 @@ def download_file(job: Dict[str, Any], commit: str, e: Entry, target: str, token
     part = confined(os.path.join(target, PARTIAL_DIR), path)
     final = confined(target, path)
     os.makedirs(os.path.dirname(part), exist_ok=True)
-    moved, why = 0, "download failed"
-    for attempt in range(4):
-        if attempt:
-            time.sleep(attempt)
+    moved = [0]      # bytes transferred, over every try
+
+    def attempt() -> _Hashes:
         have = os.path.getsize(part) if os.path.exists(part) else 0
         if have > size:
             os.remove(part)
             have = 0
-        try:
-            h, n = _fetch_into(job, commit, path, part, have, size, token, tick)
-        except ConnectionError as err:
-            why = f"download interrupted ({err})"
-            continue
-        moved += n
+        h = _fetch_into(job, commit, path, part, have, size, token, tick, moved)
         got = os.path.getsize(part)
         if got < size:
-            why = f"got {got} of {size} bytes"
-            continue
-        sha, oid = h.sha256.hexdigest(), h.sha1.hexdigest()
-        if got != size or (e.get("sha256") and sha != e["sha256"]) or (e.get("oid") and oid != e["oid"]):
-            os.remove(part)
-            raise AgentError(f"{path}: checksum mismatch after download (expected "
-                             f"{e.get('sha256') or e.get('oid')}, got {sha}); the source serves other bytes")
-        os.makedirs(os.path.dirname(final) or target, exist_ok=True)
-        os.replace(part, final)
-        return sha, oid, moved
-    raise AgentError(f"{path}: {why}")
+            err = Transient(f"the answer ended after {got} of {size} bytes")
+            err.progressed = got > have
+            raise err
+        return h
+
+    h = with_retries(FILE, f"{_where(job)}: file {path}", tick.emit, attempt)
+    sha, oid, got = h.sha256.hexdigest(), h.sha1.hexdigest(), os.path.getsize(part)
+    if got != size or (e.get("sha256") and sha != e["sha256"]) or (e.get("oid") and oid != e["oid"]):
+        os.remove(part)
+        raise AgentError(f"{path}: checksum mismatch after download (expected "
+                         f"{e.get('sha256') or e.get('oid')}, got {sha}); the source serves other bytes")
+    os.makedirs(os.path.dirname(final) or target, exist_ok=True)
+    os.replace(part, final)
+    return sha, oid, moved[0]
 
 
 def _fetch_into(job: Dict[str, Any], commit: str, path: str, part: str, have: int, size: int,
-                token: Optional[str], tick: _Ticker) -> Tuple[_Hashes, int]:
-    """One request: append to (206) or restart (200, Range ignored as by olah) the partial file; its hashes."""
-    headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}
-    try:
-        resp = _opener().open(_request(file_url(job, commit, path), token, headers), timeout=120)
-    except urllib.error.HTTPError as err:
-        if err.code != 416:   # 416: we already hold every byte
-            raise _http_error(job, err.code, f"file {path}", token) from None
-        resp = None
-    except (urllib.error.URLError, OSError) as err:
-        raise ConnectionError(str(getattr(err, "reason", err))) from None
-    h, moved = _Hashes(size), 0
-    try:
-        if resp is None or resp.status == 206:       # hash what we hold, then append the rest
+                token: Optional[str], tick: _Ticker, moved: List[int]) -> _Hashes:
+    """One request: append to (206) or restart (200, Range ignored as by olah) the partial file; its hashes.
+    A failure worth another try is Transient, marked `progressed` when bytes arrived before it."""
+    resp = _open(job, file_url(job, commit, path), token, f"file {path}",
+                 {"Range": f"bytes={have}-"} if 0 < have < size else None)
+    if resp is None or (resp.status == 206 and not _starts_at(resp, have)):
+        if resp is not None:
+            resp.close()
+        os.remove(part)    # 416, or the rest from another offset: the file starts again
+        tick.add(-have, path)
+        raise Transient(f"no usable answer for bytes {have}- of {size} "
+                        f"({'HTTP 416' if resp is None else 'Content-Range ' + repr(_content_range(resp))[:60]})")
+    with resp:
+        h = _Hashes(size)
+        if resp.status == 206:       # hash what we hold, then append the rest
             with open(part, "rb") as f:
                 for chunk in iter(lambda: f.read(CHUNK), b""):
                     h.update(chunk)
         else:
             tick.add(-have, path)
-        if resp is not None:
-            with open(part, "ab" if resp.status == 206 else "wb") as out:
-                for chunk in iter(lambda: _read(resp), b""):
-                    out.write(chunk)
-                    h.update(chunk)
-                    moved += len(chunk)
-                    tick.add(len(chunk), path)
-    finally:
-        if resp is not None:
-            resp.close()
-    return h, moved
+        with open(part, "ab" if resp.status == 206 else "wb") as out:
+            _copy_body(resp, out, h, size - (have if resp.status == 206 else 0), path, tick, moved)
+    return h
 
 
-def _read(resp) -> bytes:
-    try:
-        return resp.read(CHUNK)
-    except (OSError, ValueError) as err:
-        raise ConnectionError(str(err)) from None
+def _content_range(resp) -> str:
+    return str(resp.headers.get("Content-Range") or "")
+
+
+def _starts_at(resp, have: int) -> bool:
+    """A 206 answer carries the bytes asked for, from `have` on (appended from elsewhere, they would corrupt the
+    file); one without Content-Range is taken at its word."""
+    words = _content_range(resp).replace("=", " ").split("-")[0].split()
+    return not words or words == ["bytes", str(have)]
+
+
+def _copy_body(resp, out, h: _Hashes, want: int, path: str, tick: _Ticker, moved: List[int]) -> None:
+    """The body into out and h, chunk by chunk (each read bounded by READ_TIMEOUT), never more than want + 1 bytes:
+    a body longer than listed fails the size check instead of filling the disk."""
+    got = 0
+    while got <= want:
+        try:
+            chunk = _read(resp, min(CHUNK, want + 1 - got))
+        except Transient as err:
+            err.progressed = got > 0
+            raise
+        if not chunk:
+            return
+        out.write(chunk)
+        h.update(chunk)
+        got += len(chunk)
+        moved[0] += len(chunk)
+        tick.add(len(chunk), path)
 
 
 def read_manifest_at(target: str) -> Any:
@@ -319,7 +506,7 @@ def write_manifest_at(target: str, doc: Dict[str, Any]) -> None:
 def agent_sync(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]], None],
                token: Optional[str] = None) -> Dict[str, Any]:
     """List the source, keep verified files, download the rest (resuming), write the manifest."""
-    commit, listed = list_remote(job, token)
+    commit, listed = list_remote(job, token, emit)
     files = select(listed, job.get("include") or (), job.get("exclude") or ())
     if not files:
         raise AgentError(f"{job['repo']}@{job['revision']}: no file matches include {job.get('include')} / "

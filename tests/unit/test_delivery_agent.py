@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -404,3 +405,168 @@ def test_relay_through_this_machine_verifies_against_the_heads_hash(hashless, tm
     (src / d.MANIFEST).write_text(json.dumps(doc))
     with pytest.raises(RuntimeError, match="no sha256"):
         control.copy_tree(_LocalEx(), "head", str(src), "other", str(dst), lambda line: None)
+
+
+# ---------------------------------------------------------------- retry policies at the I/O edge
+BIG = "/org/model/resolve/c0ffee/model.safetensors"
+REVISION = "/api/models/org/model/revision/"
+
+
+class FlakyHub(Hub):
+    """A hub whose first answers for one path prefix follow a script (a status, optionally with headers; "drop":
+    no answer; "cut": half the body, then closed; "stall": half the body, then silence), then are normal."""
+
+    def __init__(self, prefix: str, script: list, *, ranges: bool = True):
+        super().__init__(ranges=ranges)
+        self.prefix, self.script, self.hits = prefix, list(script), []     # hits: (time, Range header)
+        self.release = threading.Event()
+        hub, handler = self, self.server.RequestHandlerClass
+        original = handler.do_GET
+
+        def do_GET(h):
+            if not h.path.startswith(hub.prefix):
+                return original(h)
+            hub.hits.append((time.monotonic(), h.headers.get("Range")))
+            how = hub.script.pop(0) if hub.script else "ok"
+            if how == "ok":
+                return original(h)
+            if how == "drop":
+                return None
+            if how in ("cut", "stall"):
+                data = FILES[h.path.rsplit("/", 1)[-1]]
+                h.send_response(200)
+                h.send_header("Content-Length", str(len(data)))
+                h.end_headers()
+                h.wfile.write(data[:len(data) // 2])
+                h.wfile.flush()
+                if how == "stall":
+                    hub.release.wait(10)
+                return None
+            code, headers = how if isinstance(how, tuple) else (how, {})
+            h.send_response(code)
+            for k, v in headers.items():
+                h.send_header(k, v)
+            h.send_header("Content-Length", "4")
+            h.end_headers()
+            h.wfile.write(b"busy")
+        handler.do_GET = do_GET
+
+    def stop(self):
+        self.release.set()
+        self.server.shutdown()
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """Policies with the same tries, in milliseconds: tests count tries, never wall time."""
+    monkeypatch.setattr(d, "LISTING", d.LISTING._replace(base=0.01, cap=0.05, within=30.0))
+    monkeypatch.setattr(d, "FILE", d.FILE._replace(base=0.01, cap=0.05, within=30.0))
+    monkeypatch.setattr(d, "READ_TIMEOUT", 0.5)
+
+
+def _notes(events):
+    return [e["msg"] for e in events if e["ev"] == "note" and " try " in e["msg"]]
+
+
+@pytest.mark.parametrize("prefix,script", [(BIG, [503, 503]), (REVISION, [503, 503]), (BIG, [429, "drop"]),
+                                           (BIG, ["cut", 502])])
+def test_transient_failures_are_retried_with_a_note_each(tmp_path, fast, prefix, script):
+    h = FlakyHub(prefix, script)
+    events: list = []
+    try:
+        res = d.agent_sync(job(h.endpoint), str(tmp_path), events.append)
+    finally:
+        h.stop()
+    assert (tmp_path / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+    assert len(h.hits) == 3 and res["summary"].startswith("fetched 3 file(s)")
+    notes = _notes(events)
+    assert len(notes) == 2 and "try 2 of" in notes[0] and "try 3 of" in notes[1]
+    what = "file model.safetensors" if prefix == BIG else "revision"
+    assert all(f"org/model@main at {h.endpoint}: {what}: " in n for n in notes)
+
+
+def test_a_source_that_keeps_failing_ends_after_the_policys_tries_with_one_error_line(tmp_path, fast, capsys):
+    h = FlakyHub(BIG, [503] * 50)
+    jobfile = tmp_path / "sync.json"
+    jobfile.write_text(json.dumps({**job(h.endpoint), "target": str(tmp_path / "model")}))
+    try:
+        rc = d.agent_main(["sync", str(jobfile)])
+    finally:
+        h.stop()
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    errors = [e["msg"] for e in events if e["ev"] == "error"]
+    assert rc == 1 and len(h.hits) == d.FILE.tries == 5
+    assert len(errors) == 1 and len(_notes(events)) == d.FILE.tries - 1
+    msg = errors[0]
+    assert f"org/model@main at {h.endpoint}: file model.safetensors: HTTP 503 GET {h.endpoint}{BIG}" in msg
+    assert "gave up after 5 tries (file policy: at most 5 tries within 30 s)" in msg
+    assert not (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_a_listing_that_keeps_failing_names_the_mirror_hint(tmp_path, fast):
+    h = FlakyHub(REVISION, [503] * 50)
+    try:
+        with pytest.raises(d.AgentError) as e:
+            d.agent_sync(job(h.endpoint), str(tmp_path), lambda ev: None)
+    finally:
+        h.stop()
+    assert len(h.hits) == d.LISTING.tries == 4
+    assert "revision: HTTP 503" in str(e.value) and "mirrors answer 5xx for missing repositories too" in str(e.value)
+    assert "gave up after 4 tries (listing policy" in str(e.value)
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_body_that_stalls_times_out_and_the_file_resumes_or_restarts(tmp_path, fast, ranges):
+    h = FlakyHub(BIG, ["stall"], ranges=ranges)
+    events: list = []
+    try:
+        res = d.agent_sync(job(h.endpoint, include=["model.safetensors"]), str(tmp_path), events.append)
+    finally:
+        h.stop()
+    size = len(FILES["model.safetensors"])
+    assert (tmp_path / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+    assert [r for _, r in h.hits] == [None, f"bytes={size // 2}-"]       # the second try asks for the rest
+    assert res["bytes"] == (size if ranges else size // 2 + size)          # ignored Range: the file starts again
+    notes = _notes(events)
+    assert len(notes) == 1 and "timed out" in notes[0]
+
+
+def test_not_found_is_not_retried_and_names_the_path(tmp_path, fast):
+    h = FlakyHub(BIG, [404] * 5)
+    events: list = []
+    try:
+        with pytest.raises(d.AgentError) as e:
+            d.agent_sync(job(h.endpoint), str(tmp_path), events.append)
+    finally:
+        h.stop()
+    assert len(h.hits) == 1 and _notes(events) == []
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith(f"[HTTP 404 GET {h.endpoint}{BIG}]") and "file model.safetensors" in msg
+
+
+@pytest.mark.parametrize("retry_after,cap,waits", [("0.4", 5.0, 0.4), ("3600", 0.3, 0.3)])
+def test_retry_after_is_honoured_up_to_the_cap(tmp_path, fast, monkeypatch, retry_after, cap, waits):
+    monkeypatch.setattr(d, "FILE", d.FILE._replace(cap=cap))
+    h = FlakyHub(BIG, [(503, {"Retry-After": retry_after})])
+    events: list = []
+    try:
+        d.agent_sync(job(h.endpoint), str(tmp_path), events.append)
+    finally:
+        h.stop()
+    (t1, _), (t2, _) = h.hits
+    assert waits <= t2 - t1 < 30
+    assert _notes(events)[0].endswith(f"try 2 of 5 in {waits:.1f} s")
+
+
+def test_backoff_doubles_with_jitter_and_caps():
+    p = d.Policy(name="t", tries=9, within=99.0, base=1.0, cap=6.0)
+    for tries, step in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 6.0), (8, 6.0)]:
+        assert all(step / 2 <= d.backoff(p, tries, None) <= step for _ in range(50))
+    assert d.backoff(p, 1, 2.5) == 2.5 and d.backoff(p, 1, 600.0) == 6.0
+    assert d._retry_after({"Retry-After": " 7 "}) == 7.0
+    assert d._retry_after({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
+    assert d._retry_after({"Retry-After": "-1"}) is None and d._retry_after({}) is None
+
+
+def test_messages_name_urls_without_credentials_or_query():
+    assert d.bare("https://u:p@hf-mirror.com:8443/a/b?token=x#f") == "https://hf-mirror.com:8443/a/b"
