@@ -161,11 +161,35 @@ class Deploy:
     source: Source = field(default_factory=Source)
 
 
+# OpenWebUI's image, pinned (ghcr.io tags carry the `v`). Its env names, /health, /api/models and the sign-in without
+# accounts (WEBUI_AUTH=False) were read from open-webui/open-webui's source (backend/open_webui/{main,config}.py,
+# routers/auths.py, Dockerfile, backend/start.sh); see cluster/ui.py.
+OPENWEBUI_IMAGE = "ghcr.io/open-webui/open-webui:v0.6.36"
+IMAGE_REF = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$"
+UI_MANAGED_ENV = ("PORT", "HOST", "DATA_DIR", "WEBUI_AUTH", "ENABLE_PERSISTENT_CONFIG", "ENABLE_OPENAI_API",
+                  "OPENAI_API_BASE_URL", "OPENAI_API_BASE_URLS", "OPENAI_API_KEY", "OPENAI_API_KEYS",
+                  "ENABLE_OLLAMA_API", "OLLAMA_BASE_URL", "OLLAMA_BASE_URLS")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UI:
+    """A web UI in front of the deployment's endpoint, on the head (cluster/ui.py)."""
+
+    kind: Literal["openwebui"]
+    port: int = field(default=3000, metadata={"range": (1, 65535)})
+    image: str = field(default=OPENWEBUI_IMAGE, metadata={"pattern": IMAGE_REF})
+    registry_mirrors: list[str] = field(default_factory=list)   # after cluster.registry_mirrors (prefix: m.daocloud.io)
+    auth: bool = False            # OpenWebUI's WEBUI_AUTH: false = no login (one shared user), true = its accounts
+    data: str | None = field(default=None, metadata={"pattern": r"^(/[^\x00-\x1f\x7f:]*|[A-Za-z0-9][A-Za-z0-9_.-]*)$"})
+    env: dict[str, str | Secret] = field(default_factory=dict, metadata={"env": "secrets"})   # as deploy.env
+
+
 @dataclass(frozen=True, kw_only=True)
 class Inventory:
     cluster: Cluster
     hosts: list[Host]
     deploy: Deploy
+    ui: UI | None = None          # optional: OpenWebUI in front of the endpoint (cluster/ui.py)
     path: str = field(default="", metadata={"internal": True})
     lines: dict = field(default_factory=dict, metadata={"internal": True}, compare=False, repr=False)
 
@@ -460,7 +484,25 @@ def load_inventory(path: str | Path) -> Inventory:
              **_lines(deploy.get("env"), "deploy.env")}
     for i, h in enumerate(data["hosts"]):   # env secrets are checked (and reported) where they are written
         lines.update(_lines(h.get("env"), f"hosts[{i}].env"))
+    if inv.ui is not None:
+        _check_ui(inv.ui, at.child("ui", data), data["ui"])
+        lines.update({**_lines(data["ui"], "ui"), **_lines(data["ui"].get("env"), "ui.env")})
     return dataclasses.replace(inv, path=file, lines=lines)
+
+
+def _check_ui(ui: UI, at: _At, data: dict) -> None:
+    """What the UI's schema cannot say: mirrors are registry hosts, and gpucluster sets the connection env itself."""
+    mirrors = data.get("registry_mirrors") or []
+    for i, m in enumerate(ui.registry_mirrors):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*(:\d+)?(/[A-Za-z0-9._-]+)*", m):
+            raise at.child("registry_mirrors", data).child(i, mirrors).error(
+                f"{m!r} is not a registry (host[:port][/path])", fix="e.g. m.daocloud.io or 10.77.0.2:5000")
+    env = data.get("env") or {}
+    for key in ui.env:
+        if key in UI_MANAGED_ENV:
+            raise at.child("env", data).child(key, env).error(
+                f"gpucluster sets {key} itself (the endpoint, its key, the port, ui.auth)",
+                fix="remove it: ui.port, ui.auth and deploy.api_key / deploy.port decide these")
 
 
 def flag_name(key: str) -> str:

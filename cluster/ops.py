@@ -460,6 +460,11 @@ def status(inv: Inventory, load_planned: Callable[[], tuple[Inventory, Profile]]
             out["problems"] += problems
         else:
             out["engine"], out["engine_summary"] = {}, []
+        if d.inventory.ui is not None:    # OpenWebUI in front (cluster/ui.py): /health from here, its model list
+            from . import ui
+            ex = Executor(hosts)
+            out["ui"], found = ui.status(d, lambda host, argv: ex.run(host, argv, timeout=60), http)
+            out["problems"] += found
     auth = d.api_key.reveal() if d.api_key is not None else None
     health, _ = http(f"{d.base_url}/health")
     code, text = http(f"{d.endpoint}/models", auth=auth)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import checks, engines, record
+from . import ui as front
 from .checks import ERROR, WARNING, Finding, Setup
 from .config import Host, Inventory, Profile, Secret, flag_name
 from .delivery.model_steps import ModelJob, fanout_steps, head_steps
@@ -159,20 +160,28 @@ def choose_topology(base: Setup, hosts: list[Host], tp: int | None, pp: int | No
 
 
 # ---------------------------------------------------------------- steps
+def image_refs(image: str, mirrors: list[str]) -> list[str]:
+    """Where to pull `image` from, in order: each mirror as a prefix (`m.daocloud.io/ghcr.io/...`), then itself."""
+    return [f"{m.rstrip('/')}/{image}" for m in mirrors] + [image]
+
+
 def mirror_refs(inventory: Inventory, profile: Profile) -> list[str]:
-    mirrors = [*inventory.cluster.registry_mirrors, *profile.registry_mirrors]
-    return [f"{m.rstrip('/')}/{profile.image}" for m in mirrors] + [profile.image]
+    return image_refs(profile.image, [*inventory.cluster.registry_mirrors, *profile.registry_mirrors])
+
+
+def pull_step(host: str, image: str, refs: list[str], *, id: str, phase: str) -> Step:
+    """Pull through the registry mirrors in order (retagging a mirror's copy to the canonical name); skip if present."""
+    tries = [(Cmd(argv=("docker", "pull", r), timeout=3600),) + ((Cmd(argv=("docker", "tag", r, image)),)
+                                                                  if r != image else ()) for r in refs]
+    return Step(id=id, host=host, phase=phase, ops=tries[0], otherwise=tuple(tries[1:]),
+                check=Check(argv=("docker", "image", "inspect", "--format", "skip present {{.Id}}", image)),
+                reason=f"pull {image} through the mirrors in order: {', '.join(refs)}")
 
 
 def image_steps(d: Deployment) -> list[Step]:
-    """Pull through the registry mirrors in order (retagging a mirror's copy to the canonical name)."""
-    image = d.profile.image
+    """The engine's image on every host of the deployment."""
     refs = mirror_refs(d.inventory, d.profile)
-    tries = [(Cmd(argv=("docker", "pull", r), timeout=3600),) + ((Cmd(argv=("docker", "tag", r, image)),)
-                                                                  if r != image else ()) for r in refs]
-    return [Step(id=f"{h.name}/image", host=h.name, phase="image", ops=tries[0], otherwise=tuple(tries[1:]),
-                 check=Check(argv=("docker", "image", "inspect", "--format", "skip present {{.Id}}", image)),
-                 reason=f"pull {image} through the mirrors in order: {', '.join(refs)}") for h in d.hosts]
+    return [pull_step(h.name, d.profile.image, refs, id=f"{h.name}/image", phase="image") for h in d.hosts]
 
 
 def image_check_steps(d: Deployment) -> list[Step]:
@@ -199,9 +208,9 @@ def _devices_declared(inventory: Inventory, profile: Profile) -> None:
 
 def stray_steps(d: Deployment) -> list[Step]:
     """Containers of this cluster the plan does not run (a host left the deployment, the engine changed) go first."""
-    planned = d.engine.containers(d)
+    planned, ui = d.engine.containers(d), front.containers(d)
     return [Step(id=f"{h.name}/strays", host=h.name, phase="strays", use_output=True,
-                 keep=tuple(sorted(c.name for c in planned.get(h.name, []))),
+                 keep=tuple(sorted(c.name for c in [*planned.get(h.name, []), *ui.get(h.name, [])])),
                  check=Check(argv=("docker", "ps", "-a", "--filter", f"label={LABEL}.cluster={d.cluster}",
                                    "--format", "{{.Names}}")),
                  reason="remove this cluster's containers that the plan does not run",
@@ -248,6 +257,8 @@ def build(inventory: Inventory, profile: Profile, *, model: ModelFacts | None, t
                                      nodes=tuple(h.name for h in setup.hosts), why=why),
                    served_name=inventory.deploy.served_model_name or inventory.deploy.model,
                    port=inventory.deploy.port or profile.port)
+    front.validate(d)
+    findings += front.findings(d)
     job = ModelJob(inventory=inventory, hosts=setup.hosts, image=profile.image, verify=verify,
                    transfer_token=transfer_token or Secret(literal=secrets.token_hex(24)))
     # an engine may fetch its model itself (Ollama pulls through its API) and have no torch to check in its image
@@ -255,7 +266,8 @@ def build(inventory: Inventory, profile: Profile, *, model: ModelFacts | None, t
     check = getattr(engine, "image_check_steps", image_check_steps)
     steps = [*stray_steps(d), *image_steps(d), *check(d),
              *(own_model(d) if own_model else [*head_steps(job), *fanout_steps(job)]),
-             *engine.steps(d, join_timeout=join_timeout, ready_timeout=ready_timeout), *record.steps(d, sets or {})]
+             *engine.steps(d, join_timeout=join_timeout, ready_timeout=ready_timeout), *front.steps(d),
+             *record.steps(d, sets or {})]
     return Plan(deployment=d, model=model, findings=tuple(findings), memory=setup.memory(), steps=tuple(steps))
 
 
