@@ -280,7 +280,7 @@ def test_as_dict_for_json():
 
 # ---------------------------------------------------------------- wired into `up` and `doctor --logs` (fake hosts)
 class FakeHosts:
-    """remote.Hosts' surface that ops.read_logs uses: argv -> (rc, stdout, stderr) per host, calls recorded."""
+    """remote.Hosts' surface that diagnose.read_logs uses: argv -> (rc, stdout, stderr) per host, calls recorded."""
 
     def __init__(self, answers=None, fail: Exception | None = None):
         self.answers, self.fail, self.calls = answers or {}, fail, []
@@ -329,51 +329,51 @@ API_LOG = ("INFO 02-07 03:20:01 api_server.py:209] args: Namespace(api_key='sk-n
 
 
 def test_a_readiness_failure_reads_every_hosts_logs_and_puts_the_cause_first(two_host_plan):
-    from cluster import ops
+    from cluster import diagnose
     e = _failed(two_host_plan, "control/health", "the server exited while loading; last log lines:\nTraceback")
     hosts = FakeHosts({("gpu208", ("docker", "exec")): (0, API_LOG, ""),
                        ("gpu209", ("docker", "logs")): (0, "Ray runtime started.\n", "")})
     said = []
-    out = ops.explain_failure(e, two_host_plan, hosts, said.append)
-    assert isinstance(out, ops.ExplainedFailure) and out.original is e and out.failed == e.failed
+    out = diagnose.explain_failure(e, two_host_plan, hosts, said.append)
+    assert isinstance(out, diagnose.ExplainedFailure) and out.original is e and out.failed == e.failed
     text = str(out)
     assert text.startswith("the logs show why:\n  gpu208 api: kv-cache-insufficient: ")
     assert "(fix: raise gpu-memory-utilization" in text and text.endswith(str(e))
     assert "sk-never-printed" not in text
     assert {h for h, _, _ in hosts.calls} == {"gpu208", "gpu209"}
-    assert all(t == ops.LOG_TIMEOUT for _, _, t in hosts.calls) and said[0].startswith("== explain")
+    assert all(t == diagnose.LOG_TIMEOUT for _, _, t in hosts.calls) and said[0].startswith("== explain")
     assert all(("200" in argv) for _, argv, _ in hosts.calls)
 
 
 def test_a_container_that_never_started_is_explained_from_the_failure_itself(two_host_plan):
-    from cluster import ops
+    from cluster import diagnose
     why = ("`docker run -d` exited 125: docker: Error response from daemon: failed to create task for container: "
            "nvidia-container-cli: requirement error: unsatisfied condition: cuda>=12.8, please update your driver")
     e = _failed(two_host_plan, "gpu209/ray-worker", why)
     hosts = FakeHosts()
-    out = ops.explain_failure(e, two_host_plan, hosts)
+    out = diagnose.explain_failure(e, two_host_plan, hosts)
     assert {h for h, _, _ in hosts.calls} == {"gpu209"}       # a step of its own host: only that host is read
     assert str(out).splitlines()[1].startswith("  gpu209 ray-worker: driver-too-old: the image needs CUDA 12.8")
 
 
 def test_explaining_never_masks_the_failure(two_host_plan):
-    from cluster import ops
+    from cluster import diagnose
     e = _failed(two_host_plan, "control/health", "did not answer 200 within 1800s")
-    assert ops.explain_failure(e, two_host_plan, FakeHosts(fail=OSError("connection reset"))) is e   # unreadable
-    assert ops.explain_failure(e, two_host_plan, FakeHosts()) is e                                   # nothing known
+    assert diagnose.explain_failure(e, two_host_plan, FakeHosts(fail=OSError("connection reset"))) is e   # unreadable
+    assert diagnose.explain_failure(e, two_host_plan, FakeHosts()) is e                                   # nothing known
     image = _failed(two_host_plan, "gpu208/image", "CUDA out of memory. Tried to allocate 1 GiB")
     hosts = FakeHosts()
-    assert ops.explain_failure(image, two_host_plan, hosts) is image and hosts.calls == []          # not the engine
+    assert diagnose.explain_failure(image, two_host_plan, hosts) is image and hosts.calls == []          # not the engine
 
 
 def test_read_logs_statuses_and_the_stopped_container_fallback(two_host_plan):
-    from cluster import ops
+    from cluster import diagnose
     d = two_host_plan.deployment
     not_running = (1, "", "Error response from daemon: container x is not running")
     hosts = FakeHosts({("gpu208", ("docker", "exec")): not_running,
                        ("gpu208", ("sh", "-c")): (0, API_LOG, ""),
                        ("gpu208", ("docker", "logs")): (124, "partial\n", "`docker logs` still running after 20 s")})
-    rows = {(r["host"], r["component"]): r for r in ops.read_logs(d, hosts, ["gpu208", "gpu209"])}
+    rows = {(r["host"], r["component"]): r for r in diagnose.read_logs(d, hosts, ["gpu208", "gpu209"])}
     assert rows[("gpu208", "api")]["status"] == "ok"
     assert [f.code for f in rows[("gpu208", "api")]["findings"]] == ["kv-cache-insufficient"]
     assert rows[("gpu208", "ray-head")]["status"].startswith("exit 124: ")
@@ -383,7 +383,7 @@ def test_read_logs_statuses_and_the_stopped_container_fallback(two_host_plan):
 
 
 def test_doctor_logs_scan_merges_findings(two_host_plan, monkeypatch):
-    from cluster import ops
+    from cluster import diagnose
 
     class Remote:
         @staticmethod
@@ -400,8 +400,8 @@ def test_doctor_logs_scan_merges_findings(two_host_plan, monkeypatch):
         @staticmethod
         def describe(e):
             return str(e)
-    monkeypatch.setattr(ops, "_remote", lambda: Remote)
-    scan = ops.scan_logs(two_host_plan, tail=50)
+    monkeypatch.setattr(diagnose, "_remote", lambda: Remote)
+    scan = diagnose.scan_logs(two_host_plan, tail=50)
     assert scan["tail"] == 50 and scan["errors"] == 1
     assert [f["code"] for f in scan["findings"]] == ["kv-cache-insufficient"]
     assert sorted(scan["findings"][0]["seen"]) == ["gpu208 api", "gpu209 ray-worker"]
