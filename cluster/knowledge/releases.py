@@ -24,11 +24,16 @@ PATH = Path(__file__).resolve().parent / "vllm" / "releases.json"
 FLAG_FIELDS = ("value", "choices", "type", "nargs")
 
 
-@lru_cache(maxsize=1)
-def _data() -> dict:
-    data = json.loads(PATH.read_text())
+def load(path: Path) -> dict:
+    """A compact releases file, with its records indexed by version."""
+    data = json.loads(path.read_text())
     data["_by_version"] = {r["version"]: r for r in data["releases"]}
     return data
+
+
+@lru_cache(maxsize=1)
+def _data() -> dict:
+    return load(PATH)
 
 
 def _ids(spec: str) -> list[int]:
@@ -39,21 +44,29 @@ def _ids(spec: str) -> list[int]:
     return out
 
 
-def decode(data: dict, rec: dict) -> dict:
-    """One release record of the compact form, expanded (fresh objects every call)."""
+def decode_common(data: dict, rec: dict, *, engine: str, generated_by: str) -> dict:
+    """The part of a release record every engine's compact form shares (traits, flags, aliases, architectures),
+    expanded into fresh objects."""
     pools = data["pools"]
-    out = {"engine": "vllm"}
+    out = {"engine": engine}
     for k, v in rec.items():
         out[k] = json.loads(json.dumps(v)) if isinstance(v, (dict, list)) else v
     flags = [pools["flags"][i] for i in _ids(rec["flags"])]
     out["flags"] = {f[0]: dict(zip(FLAG_FIELDS, json.loads(json.dumps(f[1:])))) for f in sorted(flags)}
     out["aliases"] = dict(sorted(pools["aliases"][i] for i in _ids(rec["aliases"])))
-    out["env_vars"] = sorted(pools["env_vars"][i] for i in _ids(rec["env_vars"]))
     out["architectures"] = sorted(pools["architectures"][i] for i in _ids(rec["architectures"]))
+    out["generated_by"] = generated_by
+    return out
+
+
+def decode(data: dict, rec: dict) -> dict:
+    """One vLLM release record of the compact form, expanded (fresh objects every call)."""
+    pools = data["pools"]
+    out = decode_common(data, rec, engine="vllm", generated_by="scripts/gen_engine_tables.py")
+    out["env_vars"] = sorted(pools["env_vars"][i] for i in _ids(rec["env_vars"]))
     pp = out["pipeline_parallel"]
     if isinstance(pp.get("architectures"), str):
         pp["architectures"] = sorted(pools["architectures"][i] for i in _ids(pp["architectures"]))
-    out["generated_by"] = "scripts/gen_engine_tables.py"
     return out
 
 

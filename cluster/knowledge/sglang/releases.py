@@ -9,46 +9,27 @@ null_reasons (why a trait is null).
     table(version)    -> one release, expanded: flags {"--x": {value, choices, type, nargs}}, aliases, ...
     skipped()         -> releases on PyPI without a usable wheel (yanked), with why
 
-Stdlib only (json).
+Stdlib only (json); the compact form's decoding is shared with vLLM's (cluster/knowledge/releases.py).
 """
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
+from ..releases import decode_common, load
+
 PATH = Path(__file__).resolve().parent / "releases.json"
-FLAG_FIELDS = ("value", "choices", "type", "nargs")
 
 
 @lru_cache(maxsize=1)
 def _data() -> dict:
-    data = json.loads(PATH.read_text())
-    data["_by_version"] = {r["version"]: r for r in data["releases"]}
-    return data
-
-
-def _ids(spec: str) -> list[int]:
-    out: list[int] = []
-    for part in spec.split(",") if spec else ():
-        a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b or a) + 1))
-    return out
+    return load(PATH)
 
 
 def decode(data: dict, rec: dict) -> dict:
     """One release record of the compact form, expanded (fresh objects every call)."""
-    pools = data["pools"]
-    out = {"engine": "sglang"}
-    for k, v in rec.items():
-        out[k] = json.loads(json.dumps(v)) if isinstance(v, (dict, list)) else v
-    flags = [pools["flags"][i] for i in _ids(rec["flags"])]
-    out["flags"] = {f[0]: dict(zip(FLAG_FIELDS, json.loads(json.dumps(f[1:])))) for f in sorted(flags)}
-    out["aliases"] = dict(sorted(pools["aliases"][i] for i in _ids(rec["aliases"])))
-    out["architectures"] = sorted(pools["architectures"][i] for i in _ids(rec["architectures"]))
-    out["generated_by"] = "scripts/gen_sglang_tables.py"
-    return out
+    return decode_common(data, rec, engine="sglang", generated_by="scripts/gen_sglang_tables.py")
 
 
 def versions() -> list[str]:
