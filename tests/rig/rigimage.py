@@ -1,4 +1,5 @@
 # gpucluster test rig: Debian packages, olah venv, and the vLLM stand-in images (built here, pushed to the rig registry storage).
+import fcntl
 import glob
 import hashlib
 import json
@@ -119,9 +120,13 @@ class Builder:
 
     def __init__(self):
         self.procs = []
+        self.lock = None
 
     def __enter__(self):
         os.makedirs(BUILDER_RUN, exist_ok=True)
+        # one builder at a time: image builds from concurrent `rig setup` runs wait here in turn
+        self.lock = open(os.path.join(CACHE, "builder.lock"), "w")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
         self._kill_stale()
         data = os.path.join(CACHE, "builder-docker")
         os.makedirs(data, exist_ok=True)
@@ -165,6 +170,7 @@ class Builder:
             os.unlink(BUILDER_RUN + "/pids")
         except FileNotFoundError:
             pass
+        self.lock.close()
 
     def docker(self, *args, check=True, quiet=False, **kw):
         return run(["docker", "-H", "unix://" + BUILDER_SOCK] + list(args), check=check, quiet=quiet, **kw)
