@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Exit codes (documented in README.md).
-OK, FAILED, INVALID, REMOTE, LOCKED = 0, 1, 2, 3, 4
+OK, FAILED, INVALID, REMOTE, LOCKED, INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 class GpuclusterError(Exception):
@@ -45,3 +45,9 @@ class LockHeld(GpuclusterError):
     """Another gpucluster operation holds the cluster lock."""
 
     exit_code = LOCKED
+
+
+class Interrupted(GpuclusterError):
+    """Ctrl-C (SIGINT) while steps ran: the phase and the steps cut short; what finished stays."""
+
+    exit_code = INTERRUPTED

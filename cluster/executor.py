@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from .errors import StepFailed
+from .errors import Interrupted, StepFailed
 from .steps import CONTROL, Cmd, Copy, Decision, Http, Op, Put, Step, Wait, decide, phases
 
 Progress = Callable[[str], None]
@@ -78,6 +78,8 @@ class Executor:
 
     def __init__(self, hosts, progress: Progress = lambda s: None):
         self.hosts, self.progress = hosts, progress
+        self.running: set[str] = set()        # ids of the steps running now, and their phase: for Ctrl-C's line
+        self.phase = ""
 
     # ------------------------------------------------------------------ running one thing
     def run(self, host: str, argv, *, timeout: float | None = 600, on_line: Callable[[str], None] | None = None
@@ -142,6 +144,15 @@ class Executor:
         A failed phase stops the run and raises PhaseFailed naming every failed host; with keep_going the other hosts go on, a failed host's later steps are skipped, and the failures
         are raised at the end."""
         report = Report()
+        try:
+            return self._execute(list(steps), report, keep_going)
+        except KeyboardInterrupt:
+            cut = ", ".join(sorted(self.running)) or "none (between steps)"
+            raise Interrupted(f"interrupted (Ctrl-C) in phase {self.phase}; steps cut short: {cut}; what finished "
+                              "stays on the hosts: the same command again goes on from there (`down` removes a "
+                              "deployment)") from None
+
+    def _execute(self, steps: list[Step], report: Report, keep_going: bool) -> Report:
         ran: set[str] = set()
         failures: list[Outcome] = []
         first_failed = ""
@@ -156,6 +167,7 @@ class Executor:
             if not group:
                 continue
             self.progress(f"== {phase}")
+            self.phase = phase
             t0 = time.time()
             decisions = self._decide_all(group)
             wanted = {i for s in group for i in s.needed_by}
@@ -199,6 +211,13 @@ class Executor:
         if d.action == "fail":
             return Outcome(step, "failed", d.why)
         self.progress(f"{where}: {d.variant + ': ' if d.variant else ''}{d.why if step.check else step.reason}")
+        self.running.add(step.id)
+        try:
+            return self._run_step(step, d, where)
+        finally:
+            self.running.discard(step.id)
+
+    def _run_step(self, step: Step, d: Decision, where: str) -> Outcome:
         t0 = time.time()
         ops = step.variants[d.variant] if d.variant else step.ops
         if d.extra:

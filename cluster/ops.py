@@ -15,7 +15,7 @@ from .config import Host, Inventory, Profile
 from .containers import LABEL, removal_probe
 from .deployment import SECRETS_DIR
 from .delivery.model_steps import STATE_DIR, model_paths
-from .errors import ConfigError, GpuclusterError, RemoteError
+from .errors import ConfigError, GpuclusterError, Interrupted, RemoteError
 from .executor import Executor, PhaseFailed, Report, http
 from .steps import Check, Cmd, Step
 
@@ -258,7 +258,10 @@ def up(inv: Inventory, prof: Profile, *, dry_run: bool = False, progress: Progre
         _secrets_resolve(inv)
     with _remote().Hosts(inv, accept_new_host_keys=accept_new_host_keys) as hosts:
         progress("== probe")
-        plan = measured_plan(inv, prof, hosts, first, **kw)
+        try:
+            plan = measured_plan(inv, prof, hosts, first, **kw)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted (Ctrl-C) while probing the hosts: nothing was changed") from None
         if plan.verdict == "fail":
             raise PlanFailed(plan, "with the measured host facts")
         plan_s = time.time() - t0

@@ -267,3 +267,26 @@ def test_dry_run_follows_needed_by_and_after(copy, expect):
     answers = {"h1/model-serve": "run absent", "h2/model": copy, "h1/stop": "skip nothing to remove"}
     got = [o.status.replace("would-", "") for o in _Canned(answers).evaluate([serve, model, stop]).outcomes]
     assert tuple(got) == expect
+
+
+def test_ctrl_c_names_the_phase_and_the_steps_cut_short(tmp_path):
+    """SIGINT while a step runs: one Interrupted line naming the phase and the running step; later phases never ran."""
+    import signal
+    import threading
+    from cluster.errors import Interrupted
+    from cluster.steps import CONTROL
+    later = tmp_path / "later-ran"
+    steps = [Step(id=f"{CONTROL}/quick", host=CONTROL, phase="first", reason="q", ops=(Cmd(argv=("true",)),)),
+             Step(id=f"{CONTROL}/slow", host=CONTROL, phase="second", reason="s", ops=(Cmd(argv=("sleep", "20")),)),
+             Step(id=f"{CONTROL}/later", host=CONTROL, phase="third", reason="l",
+                  ops=(Cmd(argv=("touch", str(later))),))]
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(Interrupted) as e:
+            Executor(None).execute(steps)
+    finally:
+        timer.cancel()
+    assert e.value.exit_code == 130
+    assert "in phase second; steps cut short: control/slow;" in str(e.value), str(e.value)
+    assert not later.exists()
