@@ -29,6 +29,10 @@ MANAGED = {"OLLAMA_HOST": "deploy.port (gpucluster sets OLLAMA_HOST=0.0.0.0:<por
            "OLLAMA_MODELS": "cluster.model_dir (gpucluster sets OLLAMA_MODELS=<model_dir>/ollama)"}
 DURATION = re.compile(r"^-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")      # Go's time.ParseDuration, a unit required
 KV_TYPES = ("f16", "q8_0", "q4_0")
+GO_TRUE, GO_FALSE = ("1", "t", "T", "TRUE", "true", "True"), ("0", "f", "F", "FALSE", "false", "False")  # ParseBool
+# A hub GGUF pulled through a mirror: Ollama names a registry by host[:port] only (types/model ParseName), so the
+# mirror's endpoint must be a bare origin; http:// needs the pull's "insecure": true (server/images.go).
+MIRROR = re.compile(r"^(https?)://([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::\d{1,5})?)/?$")
 MIN_CONTEXT = 2048
 
 # Read-only check of the pull: both names listed with the same ID (the served name is an alias made by `ollama cp`).
@@ -40,10 +44,11 @@ HAVE_SCRIPT = (
     'if [ -n "$a" ] && [ "$a" = "$b" ]; then echo "skip present: $0 ($a)"; else echo "run not pulled yet"; fi')
 
 # POST /api/pull over bash's /dev/tcp (the image has no curl), its NDJSON progress turned into the delivery agent's
-# event lines, which `up` shows as progress (bytes, rate, ETA). $1: the model, $2: the port.
+# event lines, which `up` shows as progress (bytes, rate, ETA). $1: the model, $2: the port, $3: "true" for an
+# http:// registry (Ollama's "insecure"), "false" or absent otherwise.
 PULL_SCRIPT = r'''set -u
 exec 3<>"/dev/tcp/127.0.0.1/$2" || { printf '{"ev":"error","msg":"cannot reach Ollama on port %s"}\n' "$2"; exit 1; }
-body=$(printf '{"model":"%s","stream":true}' "$1")
+body=$(printf '{"model":"%s","insecure":%s,"stream":true}' "$1" "${3:-false}")
 printf 'POST /api/pull HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' "${#body}" "$body" >&3
 IFS= read -r first <&3 || first=
 first=${first%$'\r'}
@@ -119,8 +124,9 @@ def _env(s: Setup) -> dict:
 
 
 def _plain(env: dict, key: str) -> str | None:
+    """The value as Ollama reads it: envconfig.Var() trims spaces, then quotes."""
     v = env.get(key)
-    return v.strip() if isinstance(v, str) and not isinstance(v, Secret) else None
+    return v.strip().strip("\"'") if isinstance(v, str) and not isinstance(v, Secret) else None
 
 
 def _int(text: str | None) -> int | None:
@@ -132,10 +138,11 @@ def env_valid(s: Setup) -> Iterator[Finding]:
     strict = knowledge.env()["bool_strict"]
     for key in strict:
         v = _plain(env, key)
-        if v is not None and v not in ("0", "1"):
+        if v is not None and v not in GO_TRUE + GO_FALSE:
             yield Finding(code="env-invalid", severity=ERROR,
-                          message=f"env {key}={v!r}: Ollama reads any value it cannot parse as a boolean as true "
-                                  "('off', 'no' and 'yes' all turn it on)", fix=f"set {key} to \"1\" or \"0\"")
+                          message=f"env {key}={v!r}: Ollama reads any value Go's strconv.ParseBool cannot parse as "
+                                  "true ('off', 'no' and 'yes' all turn it on)",
+                          fix=f"set {key} to \"1\" or \"0\" (or true / false)")
     v = _plain(env, "OLLAMA_KEEP_ALIVE")
     if v is not None and not DURATION.match(v):
         yield Finding(code="env-invalid", severity=ERROR,
@@ -143,7 +150,7 @@ def env_valid(s: Setup) -> Iterator[Finding]:
                       fix="e.g. \"24h\", \"30m\", or \"-1m\" to keep the model loaded (gpucluster's default)")
     for key in ("OLLAMA_CONTEXT_LENGTH", "OLLAMA_NUM_PARALLEL"):
         v = _plain(env, key)
-        if v is not None and _int(v) is None:
+        if v is not None and _int(v) is None and not (key == "OLLAMA_CONTEXT_LENGTH" and v == "0"):
             yield Finding(code="env-invalid", severity=ERROR,
                           message=f"env {key}={v!r} is not a positive integer (Ollama would ignore it)",
                           fix=f"set {key} to a number of tokens" if "CONTEXT" in key else f"set {key} to e.g. \"1\"")
@@ -173,8 +180,8 @@ def num_parallel(s: Setup) -> int:
 def flash_attention(s: Setup) -> bool:
     """Whether this release runs the model with flash attention (OLLAMA_FLASH_ATTENTION decides when set)."""
     v = _plain(_env(s), "OLLAMA_FLASH_ATTENTION")
-    if v in ("0", "1"):
-        return v == "1"
+    if v in GO_TRUE + GO_FALSE:
+        return v in GO_TRUE
     rule = knowledge.rules(s.facts.version).get("flash_attention") or {}
     if rule.get("default") == "auto":
         ccs = [capability(h.gpus.compute_capability) for h in s.hosts if h.gpus]
@@ -384,6 +391,15 @@ class Ollama:
             gguf.parse(model)
         except ValueError as e:
             raise ConfigError(str(e), fix="e.g. qwen3:32b, modelscope.cn/Qwen/Qwen3-32B-GGUF:Q4_K_M", **at) from None
+        try:
+            _mirror(model, inventory.deploy.source)
+        except ValueError:
+            raise ConfigError(f"deploy.source.endpoint {inventory.deploy.source.endpoint!r}: Ollama pulls {model} "
+                              "from a mirror named by its origin only (scheme, host, port; no path)",
+                              file=inventory.path or None, field="deploy.source.endpoint",
+                              line=inventory.lines.get("deploy.source.endpoint"),
+                              fix="use e.g. http://mirror.lan:8080 for a mirror that speaks Ollama's registry "
+                                  "protocol (/v2/ORG/REPO/manifests/QUANT), or remove deploy.source") from None
 
     def checks(self):
         return CHECKS
@@ -467,17 +483,20 @@ class Ollama:
         spec = self.container(d, d.head)
         head, name = d.head.name, spec.name
         model, served = d.inventory.deploy.model, d.served_name
-        listed_model, listed_served = gguf.parse(model).listed, _listed(served)
+        pulled, insecure = pull_name(d)
+        listed_model = gguf.parse(model).listed if pulled == model else _listed_pull(pulled)
+        listed_served = _listed(served)
         alive = (head, ("docker", "exec", name, "true"))
         log = (head, ("docker", "logs", "--tail", "20", name))
         n = d.head.gpus.count if d.head.gpus else 0
         env = dict(spec.env)
-        pull = [Cmd(argv=("docker", "exec", name, "bash", "-c", PULL_SCRIPT, "pull", model, str(d.port)),
-                    timeout=None, stream=True)]
-        alias = ""
+        pull = [Cmd(argv=("docker", "exec", name, "bash", "-c", PULL_SCRIPT, "pull", pulled, str(d.port),
+                          *(("true",) if insecure else ())), timeout=None, stream=True)]
+        alias = "" if pulled == model else f" from the mirror {pulled.rsplit('/', 2)[0]}"
         if listed_served.lower() != listed_model.lower():
-            pull.append(Cmd(argv=("docker", "exec", name, "ollama", "cp", model, served)))
-            alias = f", served as {served} (`ollama cp`)"
+            pull.append(Cmd(argv=("docker", "exec", name, "ollama", "cp", model if pulled == model else listed_model,
+                                  served)))
+            alias += f", served as {served} (`ollama cp`)"
         body = json.dumps({"model": served, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8})
         return [
             container_step(spec, host=head, phase="engine", files=self.secret_files(d, d.head),
@@ -489,7 +508,7 @@ class Ollama:
                  ops=(Http(url=f"{d.base_url}/api/tags", until=join_timeout, abort=alive, log=log),)),
             Step(id=f"{head}/ollama-pull", host=head, phase="pull",
                  check=Check(argv=("docker", "exec", name, "sh", "-c", HAVE_SCRIPT, listed_model, listed_served)),
-                 reason=f"pull {model} through Ollama's API (/api/pull, progress shown) into "
+                 reason=f"pull {pulled if pulled == model else model} through Ollama's API (/api/pull, progress shown) into "
                         f"{self.store(d, d.head)}{alias}",
                  ops=tuple(pull)),
             Step(id="control/tags", host="control", phase="ready", readonly=True,
@@ -531,6 +550,38 @@ class Ollama:
     def logs(self, d, *, tail: int, follow: bool) -> list[LogSource]:
         return [LogSource(host=d.head.name, component="server", argv=(
             "docker", "logs", "--tail", str(tail), *(["-f"] if follow else []), self.container(d, d.head).name))]
+
+
+def pull_name(d) -> tuple[str, bool]:
+    """(the name Ollama pulls, insecure): a hub GGUF whose hub the inventory's deploy.source points at a mirror
+    (source.kind the same hub, source.endpoint set) is pulled from that mirror as ENDPOINT/ORG/REPO[:QUANT], which
+    must speak Ollama's registry protocol as hf.co and modelscope.cn do; otherwise deploy.model itself."""
+    model = d.inventory.deploy.model
+    m = _mirror(model, d.inventory.deploy.source)
+    if m is None:
+        return model, False
+    ref = gguf.parse(model)
+    return f"{m.group(1)}://{m.group(2)}/{ref.repo}" + (f":{ref.tag}" if ref.tag else ""), m.group(1) == "http"
+
+
+def _mirror(model: str, source):
+    """The MIRROR match of source.endpoint when it serves this hub GGUF, else None (ValueError: not a bare origin)."""
+    try:
+        ref = gguf.parse(model)
+    except ValueError:
+        return None
+    if not ref.hub or source is None or source.kind != ref.kind or not source.endpoint:
+        return None
+    m = MIRROR.match(source.endpoint)
+    if m is None:
+        raise ValueError(source.endpoint)
+    return m
+
+
+def _listed_pull(name: str) -> str:
+    """How `ollama list` shows a pulled name: no scheme, ":latest" when no tag."""
+    bare = name.split("://", 1)[-1]
+    return bare if bare.rfind(":") > bare.rfind("/") else f"{bare}:latest"
 
 
 def _listed(name: str) -> str:

@@ -64,6 +64,13 @@ def main():
             u = urllib.parse.urlsplit(self.path)
             q = {k.lower(): v[0] for k, v in urllib.parse.parse_qs(u.query).items()}
             parts = [urllib.parse.unquote(p) for p in u.path.split("/") if p]
+            if parts[:1] == ["v2"]:   # Ollama's registry protocol, as modelscope.cn answers `ollama pull`
+                import ggufmodel
+                code, ctype, body = ggufmodel.registry(os.path.join(root, "models"), parts)
+                if isinstance(body, str):
+                    with open(body, "rb") as f:
+                        body = f.read()
+                return self._reply(code, body, ctype)
             if len(parts) >= 6 and parts[:3] == ["api", "v1", "models"] and parts[5] == "repo":
                 owner, name = parts[3], parts[4]
                 mdir = os.path.realpath(os.path.join(root, "models", owner, name))

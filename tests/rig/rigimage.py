@@ -513,6 +513,10 @@ def setup(force_images=False, real_engine=False):
         ensure_olah()
     with stage("images"):
         ensure_images(force=force_images)
+        import ollamaimage
+        import sglangimage
+        sglangimage.ensure(force=force_images)
+        ollamaimage.ensure(force=force_images)
     if real_engine:  # opt-in: vLLM's CPU build + a real tiny model (realengine.py)
         import realengine
         with stage("real engine"):

@@ -122,7 +122,7 @@ def test_a_secret_env_value_reaches_the_server_only_through_its_mounted_file(tmp
 
 
 @pytest.mark.parametrize("key, value, needle", [
-    ("OLLAMA_SCHED_SPREAD", "true", "1\" or \"0"), ("OLLAMA_SCHED_SPREAD", "off", "'off'"),
+    ("OLLAMA_SCHED_SPREAD", "yes", "1\" or \"0"), ("OLLAMA_SCHED_SPREAD", "off", "'off'"),
     ("OLLAMA_KEEP_ALIVE", "300", "unit"), ("OLLAMA_KEEP_ALIVE", "5 minutes", "unit"),
     ("OLLAMA_CONTEXT_LENGTH", "8k", "positive integer"), ("OLLAMA_KV_CACHE_TYPE", "q5_1", "q8_0"),
 ])
