@@ -136,7 +136,9 @@ class VllmRay:
                                                "head is new)", files=self.secret_files(d, h)))
         steps.append(self._joined(d, head_name, list(d.hosts), d.setup.tp * d.setup.pp, join_timeout,
                                   "ray-workers"))       # exactly these nodes (one that left must be gone)
-        steps += [self._api(d, head_name), *self._ready(d, head_name, ready_timeout)]
+        # a Ray node that (re)started has none of the engine's workers: the API server restarts with it
+        nodes = (head_step.id, *(f"{h.name}/{specs[h.name].role}" for h in workers))
+        steps += [self._api(d, head_name, after=nodes), *self._ready(d, head_name, ready_timeout)]
         return steps
 
     def _joined(self, d, head_name: str, hosts, gpus: int, timeout: float, phase: str) -> Step:
@@ -148,7 +150,7 @@ class VllmRay:
                     ops=(Wait(argv=probe, timeout=timeout,
                               abort=("docker", "exec", head_name, "true")),))      # a dead head ends the wait
 
-    def _api(self, d, head_name: str) -> Step:
+    def _api(self, d, head_name: str, after: tuple[str, ...] = ()) -> Step:
         spec = self.api_hash(d)
         exec_argv = ["docker", "exec", "-d"]
         puts: tuple = ()
@@ -163,8 +165,9 @@ class VllmRay:
                     reason=f"vLLM {d.facts.version} API server in the head container, TP {s.tp} x PP {s.pp}, "
                            f"after all {s.tp * s.pp} GPUs have joined Ray",
                     check=Check(argv=("docker", "exec", head_name, "sh", "-c", API_CHECK, spec)),
-                    variants={"replace": (Cmd(argv=("docker", "exec", head_name, "sh", "-c", API_STOP)), *start)},
-                    ops=start)
+                    variants={v: (Cmd(argv=("docker", "exec", head_name, "sh", "-c", API_STOP)), *start)
+                              for v in ("replace", "restart")},
+                    after=after, ops=start)
 
     def _ready(self, d, head_name: str, timeout: float) -> list[Step]:
         return vllm.ready_steps(d, timeout=timeout,

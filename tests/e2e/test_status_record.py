@@ -26,7 +26,7 @@ def test_status_checks_what_up_ran_not_what_the_inventory_plans(rig, tmp_path):
         assert len(out["engine"]["ray"]["nodes"]) == 3
         assert any("the inventory differs" in n and "image" in n for n in out["notes"]), out["notes"]
 
-        # A dead worker: /health still answers 200 on the head, status must say unhealthy and name h3.
+        # A dead worker: status must say unhealthy and name h3 (whatever /health answers: V1 says 200).
         worker = [n for n in labelled(rig, "e2e-record") if n.startswith("h3/")]
         assert worker
         rig.docker("h3", "kill", worker[0].split("/", 1)[1])

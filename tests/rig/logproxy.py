@@ -1,10 +1,16 @@
 # gpucluster test rig: counting HTTP reverse proxy in front of olah (the HF mirror); logs one JSON line per request.
-"""python3 logproxy.py LISTEN_HOST LISTEN_PORT UPSTREAM_HOST UPSTREAM_PORT LOGFILE
+"""python3 logproxy.py LISTEN_HOST LISTEN_PORT UPSTREAM_HOST UPSTREAM_PORT LOGFILE [FAULTFILE]
 
 Each line of LOGFILE: {"ts", "client", "method", "path", "status", "bytes"} where bytes is the body length
-sent to the client. Bodies are buffered whole (the rig's model is a few MB)."""
+sent to the client. Bodies are buffered whole (the rig's model is a few MB).
+
+Fault injection (tests write FAULTFILE; absent or empty: no fault), one word and an optional count N:
+  `503 [N]`   answer 503 Service Unavailable (to the next N requests, else to all)
+  `stall [N]` accept the request and send nothing for 600 s (the next N requests, else all)"""
 import http.client
 import sys
+import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from rigutil import AccessLog   # run as `python3 -E -s tests/rig/<this file>`: its folder is on sys.path
@@ -16,6 +22,27 @@ HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrad
 def main():
     lh, lp, uh, up, logfile = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
     access = AccessLog(logfile)
+    faultfile = sys.argv[6] if len(sys.argv) > 6 else None
+    lock = threading.Lock()
+
+    def fault():
+        """The fault for this request ('' for none), counting down a limited one."""
+        if not faultfile:
+            return ""
+        with lock:
+            try:
+                words = open(faultfile).read().split()
+            except OSError:
+                return ""
+            if not words:
+                return ""
+            if len(words) > 1:
+                left = int(words[1])
+                if left <= 0:
+                    return ""
+                with open(faultfile, "w") as f:
+                    f.write("%s %d\n" % (words[0], left - 1))
+            return words[0]
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -26,6 +53,18 @@ def main():
         def _proxy(self):
             n = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(n) if n else None
+            f = fault()
+            if f == "stall":
+                time.sleep(600)
+                return
+            if f == "503":
+                data = b"injected fault: service unavailable"
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                access.write(self, 503, len(data))
+                return
             hdrs = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
             conn = http.client.HTTPConnection(uh, up, timeout=300)
             try:

@@ -7,8 +7,11 @@ import subprocess
 import sys
 import time
 
+import ggufmodel
+import ollamaimage
 import realengine
 import realmodel
+import sglangimage
 import shapemodel
 import rigimage
 import tinymodel
@@ -212,7 +215,8 @@ def start_services(d, st):
                             os.path.join(sv, "olah.log"), env=clean_env(HOME=olah_dir)))
     st["pids"].append(spawn(NS_PREFIX + "hf", [py, "-E", "-s", os.path.join(HERE, "logproxy.py"), SERVICES["hf"],
                                                str(HF_PORT), "127.0.0.1", str(OLAH_PORT),
-                                               os.path.join(sv, "hf-access.log")], os.path.join(sv, "logproxy.log")))
+                                               os.path.join(sv, "hf-access.log"), os.path.join(sv, "hf-fault")],
+                            os.path.join(sv, "logproxy.log")))
     # (c) ModelScope-compatible server
     st["pids"].append(spawn(NS_PREFIX + "ms", [py, "-E", "-s", os.path.join(HERE, "modelscope_server.py"), SERVICES["ms"],
                                                str(MS_PORT), os.path.join(sv, "modelscope"),
@@ -272,12 +276,33 @@ def setup_host(d, i, name, a):
 def start_host(d, i, name, p, st):
     ns = NS_PREFIX + name
     st["pids"].append(spawn(ns, ["/usr/sbin/sshd", "-D", "-e", "-f", p["sshd_conf"]], p["sshd_log"], hostname=name))
+    st["dockerd"].append({"host": name, "sock": p["sock"], "pid": start_dockerd(name, p)})
+
+
+def start_dockerd(name, p):
+    """The host's dockerd; insecure (plain HTTP) registries: anything on the rig LAN (the registry mirror and the
+    fault-injection servers tests start on this machine's rig address)."""
     denv = clean_env(PATH=p["daemon_bin"] + ":" + SYS_PATH)
-    st["dockerd"].append({"host": name, "sock": p["sock"], "pid": spawn(ns, [
+    return spawn(NS_PREFIX + name, [
         "dockerd", "--data-root", p["data_root"], "--exec-root", p["exec_root"], "--pidfile", p["pidfile"],
         "-H", "unix://" + p["sock"], "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip6tables=false",
-        "--userland-proxy=false", "--insecure-registry", "%s:%d" % (SERVICES["reg"], REGISTRY_PORT),
-        "--log-driver", "json-file", "--log-opt", "max-size=20m"], p["dockerd_log"], env=denv, hostname=name)})
+        "--userland-proxy=false", "--insecure-registry", SUBNET + ".0/24",
+        "--log-driver", "json-file", "--log-opt", "max-size=20m"], p["dockerd_log"], env=denv, hostname=name)
+
+
+def restart_docker(dir_, name):
+    """A host's dockerd stopped and started again, as after a reboot: its containers are left exited."""
+    d = os.path.abspath(dir_)
+    stp = os.path.join(d, "state.json")
+    st = json.load(open(stp))
+    entry = next((e for e in st["dockerd"] if e["host"] == name), None)
+    if entry is None:
+        raise SystemExit("rig restart-docker: no host %r in %s" % (name, d))
+    stop_pids([entry["pid"]])
+    p = host_paths(d, name)
+    entry["pid"] = start_dockerd(name, p)
+    save_state(d, st)
+    wait_for(lambda: docker_ok(p["sock"]), 90, "dockerd on " + name)
 
 
 def docker_ok(sock):
@@ -326,6 +351,8 @@ def up(a):
         raise SystemExit("rig up: %s is not empty and holds no rig; refusing to clear it" % d)
     with stage("images"):
         versions = rigimage.ensure_images()
+        sglangimage.ensure()
+        ollamaimage.ensure()
     with stage("remove previous rig"):
         prev = None
         if os.path.exists(CURRENT):
@@ -353,6 +380,7 @@ def up(a):
     with stage("model repository"):
         model = prepare_model(d)
         shape_model = prepare_model(d, shapemodel.MODEL_ID, fill=shapemodel.generate, origin="tests/rig/shapemodel.py")
+        gguf_model = ggufmodel.publish(d)
         real = realengine.available()  # only after `rig setup --real-engine`
         real_model = None
         if real:
@@ -400,7 +428,8 @@ def up(a):
                 "known_hosts": os.path.join(d, "known_hosts")},
         "hosts": hosts,
         "registry": {"address": reg, "netns": NS_PREFIX + "reg", "log": os.path.join(sv, "registry.log"),
-                     "images": {"vllm/vllm-openai:v%s" % v: "%s/vllm/vllm-openai:v%s" % (reg, v) for v in versions},
+                     "images": {**{"vllm/vllm-openai:v%s" % v: "%s/vllm/vllm-openai:v%s" % (reg, v) for v in versions},
+                                **{i: "%s/%s" % (reg, i) for i in (sglangimage.IMAGE, ollamaimage.IMAGE)}},
                      "versions": versions},
         "hf": {"endpoint": "http://%s:%d" % (SERVICES["hf"], HF_PORT), "netns": NS_PREFIX + "hf",
                "access_log": os.path.join(sv, "hf-access.log"), "olah_log": os.path.join(sv, "olah.log"),
@@ -410,6 +439,7 @@ def up(a):
                        "git_url": "http://%s:%d/models/%s.git" % (SERVICES["ms"], MS_PORT, model["id"])},
         "model": model,
         "shape_model": shape_model,
+        "gguf_model": gguf_model,
         "cache_dir": CACHE,
     }
     if real:  # `rig setup --real-engine` ran: vLLM's CPU build and its model (the keys are absent otherwise)

@@ -225,6 +225,9 @@ def start_ray_workers(world, model, cfg, tp, pp, dtype, util, max_len, block_siz
 
     @ray.remote(num_gpus=1, num_cpus=0)
     class RayWorkerWrapper:
+        def ping(self):
+            return True
+
         def check(self, *a):
             r = worker_check(*a)
             r["ip"] = ray.util.get_node_ip_address()
@@ -356,6 +359,21 @@ def gen_words(prompt, n):
     return out
 
 
+def dead_workers(keep):
+    """As vLLM's Ray executor checks its workers (check_health -> _check_if_any_actor_is_dead): a worker whose node
+    left the Ray cluster is dead, and the engine with it: /health and every request fail until it is restarted."""
+    if not keep:
+        return ""
+    import ray
+    dead = []
+    for i, w in enumerate(keep[1]):
+        try:
+            ray.get(w.ping.remote(), timeout=10)
+        except Exception as e:  # RayActorError, GetTimeoutError: the actor (or its node) is gone
+            dead.append("worker %d (%s)" % (i, type(e).__name__))
+    return "At least one Worker is dead. Dead Workers: %s. " % ", ".join(dead) if dead else ""
+
+
 def serve(args, served, key, max_len, model, keep):
     host = opt(args, "host") or "0.0.0.0"
     port = int(opt(args, "port", 8000))
@@ -390,6 +408,11 @@ def serve(args, served, key, max_len, model, keep):
 
         def do_GET(self):
             path = self.path.split("?")[0]
+            # V0 engines ask their Ray workers on /health; V1's /health kept answering 200 (vLLM #16259, #17714)
+            dead = dead_workers(keep) if path == "/health" and V < (0, 8) else ""
+            if dead:
+                log("ERROR", "api_server.py", 0, "RuntimeError: " + dead)
+                return self._send(500, {"object": "error", "message": dead, "type": "InternalServerError"})
             if path == "/health":
                 self.send_response(200)
                 self.send_header("content-length", "0")
@@ -423,6 +446,11 @@ def serve(args, served, key, max_len, model, keep):
             except ValueError:
                 return self._send(400, {"object": "error", "message": "invalid JSON", "type": "BadRequestError",
                                         "param": None, "code": 400})
+            dead = dead_workers(keep)
+            if dead:
+                log("ERROR", "async_llm_engine.py", 0, "ray.exceptions.RayActorError: " + dead)
+                return self._send(500, {"object": "error", "message": dead, "type": "InternalServerError",
+                                        "param": None, "code": 500})
             if req.get("model") not in served:
                 return self._send(404, {"object": "error", "message": "The model `%s` does not exist."
                                         % req.get("model"), "type": "NotFoundError", "param": None, "code": 404})
