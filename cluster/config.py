@@ -134,6 +134,18 @@ class Cluster:
     shared_model_dir: bool = False
     registry_mirrors: list[str] = field(default_factory=list)
     transfer_port: int = field(default=29650, metadata={"range": (1024, 65535)})   # head -> hosts model copies
+    # lan: the image leaves the registry mirrors once (the head) and reaches the other hosts over the LAN
+    image_fanout: Literal["lan", "mirror"] = "lan"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fallback:
+    """Another hub to download from when the source's retries are spent (a mirror down, 5xx, stalls, 404)."""
+
+    kind: Literal["hf-mirror", "huggingface", "modelscope"]
+    endpoint: str | None = field(default=None, metadata={"pattern": r"^https?://"})
+    revision: str | None = None
+    token: Secret | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +157,7 @@ class Source:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     download_on: Literal["host", "control"] = "host"
+    fallbacks: list[Fallback] = field(default_factory=list)     # tried in order after the source
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,6 +217,16 @@ class Inventory:
 
     def model_dir_for(self, host: Host) -> str:
         return host.model_dir or self.cluster.model_dir
+
+    def secrets(self) -> list[tuple[str, Secret]]:
+        """Every secret of the deployment, by the field that holds it (ui.env's are the UI's: cluster/ui.py)."""
+        d = self.deploy
+        named = [("deploy.api_key", d.api_key), ("deploy.source.token", d.source.token),
+                 *((f"deploy.source.fallbacks[{i}].token", f.token) for i, f in enumerate(d.source.fallbacks)),
+                 *((f"deploy.env.{k}", v) for k, v in d.env.items() if isinstance(v, Secret)),
+                 *((f"hosts[{i}].env.{k}", v) for i, h in enumerate(self.hosts) for k, v in h.env.items()
+                   if isinstance(v, Secret))]
+        return [(f, s) for f, s in named if s is not None]
 
 
 VERSION_PATTERN = r"^\d+\.\d+\.\d+(\.\d+)?(\.post\d+)?$"
@@ -484,10 +507,22 @@ def load_inventory(path: str | Path) -> Inventory:
              **_lines(deploy.get("env"), "deploy.env")}
     for i, h in enumerate(data["hosts"]):   # env secrets are checked (and reported) where they are written
         lines.update(_lines(h.get("env"), f"hosts[{i}].env"))
+    if "source" in deploy:
+        _check_tokens(inv.deploy.source, at.child("deploy", data).child("source", deploy), deploy["source"])
     if inv.ui is not None:
         _check_ui(inv.ui, at.child("ui", data), data["ui"])
         lines.update({**_lines(data["ui"], "ui"), **_lines(data["ui"].get("env"), "ui.env")})
     return dataclasses.replace(inv, path=file, lines=lines)
+
+
+def _check_tokens(source: Source, at: _At, data: dict) -> None:
+    """A hub token goes only to an endpoint the user chose: never to the public default mirror (hf-mirror.com)."""
+    fallbacks = data.get("fallbacks") or []
+    for s, where in ((source, at), *((f, at.child("fallbacks", data).child(i, fallbacks))
+                                     for i, f in enumerate(source.fallbacks))):
+        if s.token is not None and s.kind == "hf-mirror" and not s.endpoint:
+            raise where.error("a token would go to the public default mirror https://hf-mirror.com, which you did "
+                              "not choose", fix="set endpoint: to the mirror you trust with it (or kind: huggingface)")
 
 
 def _check_ui(ui: UI, at: _At, data: dict) -> None:

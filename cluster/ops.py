@@ -90,14 +90,7 @@ def up_steps(plan: planner.Plan, lease: leases.Lease | None = None) -> tuple[lis
 def _secrets_resolve(inv: Inventory) -> None:
     """A missing secret stops `up` before any host is touched, not after a long download. Env secrets must also
     fit on one KEY=value line of their 0600 file (a line break would start another variable)."""
-    from .config import Secret
-    named = [("deploy.api_key", inv.deploy.api_key), ("deploy.source.token", inv.deploy.source.token)]
-    named += [(f"deploy.env.{k}", v) for k, v in inv.deploy.env.items() if isinstance(v, Secret)]
-    named += [(f"hosts[{i}].env.{k}", v) for i, h in enumerate(inv.hosts) for k, v in h.env.items()
-              if isinstance(v, Secret)]
-    for field, secret in named:
-        if secret is None:
-            continue
+    for field, secret in inv.secrets():
         line = inv.lines.get(field)
         try:
             value = secret.reveal()

@@ -178,10 +178,15 @@ def pull_step(host: str, image: str, refs: list[str], *, id: str, phase: str) ->
                 reason=f"pull {image} through the mirrors in order: {', '.join(refs)}")
 
 
-def image_steps(d: Deployment) -> list[Step]:
-    """The engine's image on every host of the deployment."""
+def image_steps(d: Deployment, *, token: Secret | None = None) -> list[Step]:
+    """The engine's image on every host: through the mirrors once and over the LAN (cluster.image_fanout: lan), or
+    every host through the mirrors (mirror, or a single host)."""
+    from . import image_fanout
     refs = mirror_refs(d.inventory, d.profile)
-    return [pull_step(h.name, d.profile.image, refs, id=f"{h.name}/image", phase="image") for h in d.hosts]
+    if image_fanout.use_lan(d):
+        return image_fanout.lan_steps(d, refs, token or Secret(literal=secrets.token_hex(24)))
+    return [image_fanout.pull_step(h.name, d.profile.image, refs, id=f"{h.name}/image", phase="image")
+            for h in d.hosts]
 
 
 def image_check_steps(d: Deployment) -> list[Step]:
@@ -219,10 +224,7 @@ def stray_steps(d: Deployment) -> list[Step]:
 
 
 def _secret_findings(inventory: Inventory) -> list[Finding]:
-    named = {"deploy.api_key": inventory.deploy.api_key, "deploy.source.token": inventory.deploy.source.token,
-             **{f"deploy.env.{k}": v for k, v in inventory.deploy.env.items() if isinstance(v, Secret)},
-             **{f"hosts[{i}].env.{k}": v for i, h in enumerate(inventory.hosts) for k, v in h.env.items()
-                if isinstance(v, Secret)}}
+    named = dict(inventory.secrets())
     return [Finding(code="secret-unset", severity=WARNING, message=f"{field} is read from ${s.env}, which is not set "
                     "here; `up` will refuse to start", fix=f"export {s.env}=... before `gpucluster up`")
             for field, s in named.items() if s is not None and s.env and s.digest("") == "unset"]
@@ -273,4 +275,4 @@ def build(inventory: Inventory, profile: Profile, *, model: ModelFacts | None, t
 
 def model_steps(plan: Plan) -> list[Step]:
     """The image and model phases alone (`gpucluster model pull`)."""
-    return [s for s in plan.steps if s.phase == "image" or s.phase.startswith("model")]
+    return [s for s in plan.steps if s.phase in ("image", "image-fanout") or s.phase.startswith("model")]

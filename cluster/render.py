@@ -98,6 +98,9 @@ def _secret_hints(plan, steps) -> dict[str, str]:
                     hints[key] = "deploy.api_key"
                 elif secret is inv.deploy.source.token:
                     hints[key] = "deploy.source.token (the hub token)"
+                elif any(secret is f.token for f in inv.deploy.source.fallbacks):
+                    i = next(i for i, f in enumerate(inv.deploy.source.fallbacks) if secret is f.token)
+                    hints[key] = f"deploy.source.fallbacks[{i}].token (that hub's token)"
                 elif id(secret) in env and env[id(secret)] not in hints.get(key, ""):
                     hints[key] = "; ".join(filter(None, (hints.get(key), env[id(secret)])))
     return hints

@@ -2,7 +2,8 @@
 deployment's image (or on this machine), beside manifest.py:
 
     python3 agent.py sync JOB.json     download what the model folder lacks from a hub or a peer, verify it
-    python3 agent.py serve JOB.json    serve a verified model folder to the other hosts (token, read-only)
+    python3 agent.py serve JOB.json    serve a verified model folder to the next hosts (token, read-only; serve.py)
+    python3 agent.py relay JOB.json    serve the model folder while this host's own sync fills it (a chain)
     python3 agent.py index JOB.json    hash a local model folder and write its manifest
 
 Events are JSON lines on stdout ({"ev": "plan" | "progress" | "note" | "done" | "error", ...}).
@@ -12,28 +13,26 @@ every file is checked against the listed size and sha256 (or git blob id) before
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
-import hmac
 import http.client
 import json
 import os
 import random
 import socket
-import socketserver
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 try:
     from .manifest import (HASH_BY, MANIFEST, PARTIAL_DIR, Entry, confined, has_source_hash, human, ignored,
                            manifest_doc, manifest_files, plan_host, reference, safe_relpath, select, usable_hash,
                            verified_counts)
-except ImportError:   # run as a script on a host, manifest.py beside it
+except ImportError:   # run as a script on a host, manifest.py beside it (and serve.py where it serves)
     from manifest import (HASH_BY, MANIFEST, PARTIAL_DIR, Entry, confined, has_source_hash, human,  # type: ignore
                           ignored, manifest_doc, manifest_files, plan_host, reference, safe_relpath, select,
                           usable_hash, verified_counts)
@@ -74,6 +73,15 @@ class Transient(Exception):
         self.code, self.retry_after, self.refused = code, retry_after, refused
         self.progressed = False    # bytes arrived before it: the next try resumes from them
         self.advice = ""           # said once, when the policy gives up
+
+
+def _serving():
+    """serve.py: shipped only to hosts that serve (a relay's sync tells its server what arrives)."""
+    try:
+        from . import serve
+    except ImportError:
+        import serve  # type: ignore
+    return serve
 
 
 def _emit_stdout(event: Dict[str, Any]) -> None:
@@ -142,34 +150,52 @@ class _NoAuthOnRedirect(urllib.request.HTTPRedirectHandler):
 
 
 class _TimedHTTPConnection(http.client.HTTPConnection):
-    """Connects within its timeout (CONNECT_TIMEOUT), then every read waits at most READ_TIMEOUT."""
+    """Connects within its timeout (CONNECT_TIMEOUT), then every read waits at most READ_TIMEOUT (or the job's
+    read_timeout: a chain's upstream may wait for its own copy longer before it answers)."""
+
+    def __init__(self, *args, read_timeout: Optional[float] = None, **kw):
+        super().__init__(*args, **kw)
+        self.read_timeout = read_timeout
 
     def connect(self):
         super().connect()
-        self.sock.settimeout(READ_TIMEOUT)
+        self.sock.settimeout(self.read_timeout or READ_TIMEOUT)
 
 
 class _TimedHTTP(urllib.request.HTTPHandler):
+    read_timeout: Optional[float] = None
+
     def http_open(self, req):
-        return self.do_open(_TimedHTTPConnection, req)
+        return self.do_open(functools.partial(_TimedHTTPConnection, read_timeout=self.read_timeout), req)
 
 
 _HANDLERS: List[Any] = [_NoAuthOnRedirect, _TimedHTTP]
 if hasattr(http.client, "HTTPSConnection"):   # an interpreter built without ssl reaches only http:// sources
     class _TimedHTTPSConnection(http.client.HTTPSConnection):
+        def __init__(self, *args, read_timeout: Optional[float] = None, **kw):
+            super().__init__(*args, **kw)
+            self.read_timeout = read_timeout
+
         def connect(self):
             super().connect()
-            self.sock.settimeout(READ_TIMEOUT)
+            self.sock.settimeout(self.read_timeout or READ_TIMEOUT)
 
     class _TimedHTTPS(urllib.request.HTTPSHandler):
+        read_timeout: Optional[float] = None
+
         def https_open(self, req):
-            return self.do_open(_TimedHTTPSConnection, req, context=self._context)
+            return self.do_open(functools.partial(_TimedHTTPSConnection, read_timeout=self.read_timeout), req,
+                                context=self._context)
 
     _HANDLERS.append(_TimedHTTPS)
 
 
-def _opener():
-    return urllib.request.build_opener(*(h() for h in _HANDLERS))
+def _opener(read_timeout: Optional[float] = None):
+    handlers = [h() for h in _HANDLERS]
+    for h in handlers:
+        if hasattr(h, "read_timeout"):
+            h.read_timeout = read_timeout
+    return urllib.request.build_opener(*handlers)
 
 
 def _request(url: str, token: Optional[str], headers: Optional[Dict[str, str]] = None) -> urllib.request.Request:
@@ -213,8 +239,11 @@ def _open(job: Dict[str, Any], url: str, token: Optional[str], what: str, header
     """One GET with socket timeouts: the response; None for HTTP 416 to a Range request. A failure worth another
     try raises Transient; 401/403/404 and the rest end this source at once (AgentError)."""
     try:
-        return _opener().open(_request(url, token, headers), timeout=CONNECT_TIMEOUT)
+        return _opener(job.get("read_timeout")).open(_request(url, token, headers), timeout=CONNECT_TIMEOUT)
     except urllib.error.HTTPError as e:
+        if e.code == 409 and job["kind"] == "peer":   # the peer's own copy stalled or failed: its words, as data
+            reason = " ".join(_read_reason(e).split())[:400] or "the peer refused"
+            raise AgentError(f"{_where(job)}: {what}: {reason} [HTTP 409 GET {bare(e.filename or url)}]") from None
         e.close()
         if e.code == 416 and headers and "Range" in headers:
             return None
@@ -225,6 +254,16 @@ def _open(job: Dict[str, Any], url: str, token: Optional[str], what: str, header
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise (_cause(e) or AgentError(f"{_where(job)}: {what}: cannot reach the model source "
                                        f"({getattr(e, 'reason', e)})")) from None
+
+
+def _read_reason(e: urllib.error.HTTPError) -> str:
+    try:
+        text = e.read(600).decode("utf-8", "replace")
+    except (OSError, ValueError, http.client.HTTPException):
+        text = ""
+    finally:
+        e.close()
+    return "".join(c if c.isprintable() else " " for c in text)
 
 
 def _read(resp, n: int = CHUNK) -> bytes:
@@ -360,11 +399,12 @@ class _Hashes:
         self.sha1.update(data)
 
 
-def hash_file(path: str, size: int) -> Tuple[str, str]:
+def hash_file(path: str, size: int, beat: Callable[[], None] = lambda: None) -> Tuple[str, str]:
     h = _Hashes(size)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
+            beat()
     return h.sha256.hexdigest(), h.sha1.hexdigest()
 
 
@@ -505,7 +545,25 @@ def write_manifest_at(target: str, doc: Dict[str, Any]) -> None:
 
 def agent_sync(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]], None],
                token: Optional[str] = None) -> Dict[str, Any]:
-    """List the source, keep verified files, download the rest (resuming), write the manifest."""
+    """List the source, keep verified files, download the rest (resuming), write the manifest.
+
+    With job["relay"] (the host serves the next one of a chain) it also tells its own server what it receives
+    (serve.Incoming): once its present files are verified (the others removed), the listing; at the end that
+    it is done, or why it failed."""
+    incoming = _serving().Incoming(target) if job.get("relay") else None
+    try:
+        result = _sync(job, target, emit, token, incoming)
+    except BaseException as e:
+        if incoming is not None:
+            incoming.failed(str(e) if isinstance(e, AgentError) else f"{type(e).__name__}: {e}")
+        raise
+    if incoming is not None:
+        incoming.done()
+    return result
+
+
+def _sync(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]], None], token: Optional[str],
+          incoming: Optional[Any]) -> Dict[str, Any]:
     commit, listed = list_remote(job, token, emit)
     files = select(listed, job.get("include") or (), job.get("exclude") or ())
     if not files:
@@ -524,13 +582,16 @@ def agent_sync(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]]
     scanned = scan_dir(target)
     need, check = plan_host(files, scanned, have, bool(job.get("verify")))
     by_path = {f["path"]: dict(f) for f in files}
+    beat = incoming.beat if incoming is not None else (lambda: None)
+    if incoming is not None:
+        incoming.checking()
     for p in check:   # present with the right size, but not vouched for: hash before trusting
         e = by_path[p]
         want_sha, want_oid, by = reference(e, (have or {}).get(p))
         if not by:    # neither the source nor this host ever hashed it: it cannot be verified, fetch it
             need.append(p)
             continue
-        sha, oid = hash_file(os.path.join(target, p), e["size"])
+        sha, oid = hash_file(os.path.join(target, p), e["size"], beat)
         if (want_sha and sha != want_sha) or (want_oid and oid != want_oid):
             need.append(p)
         else:
@@ -542,6 +603,11 @@ def agent_sync(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]]
             e["oid"] = have[p].get("oid") or e.get("oid")
             e["hash_by"] = by
     need = sorted(set(need))
+    if incoming is not None:     # what exists in the folder is verified from here on: the server serves it whole
+        for p in need:
+            if os.path.lexists(confined(target, p)):
+                os.remove(confined(target, p))
+        incoming.publish(manifest_doc(spec, commit, list(by_path.values())))
     total = sum(by_path[p]["size"] for p in need)
     emit({"ev": "plan", "source": job["kind"], "commit": commit, "files": len(files), "need": need, "bytes": total,
           "checked": len(check)})
@@ -610,78 +676,12 @@ def agent_index(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]
 
 
 def agent_serve(job: Dict[str, Any], target: str, emit: Callable[[Dict[str, Any]], None], token: str) -> None:
-    """Serve the manifest and the files it lists to peers holding the token, until idle for job['idle'] seconds."""
-    doc = read_manifest_at(target)
-    listed = {f["path"]: f for f in (doc or {}).get("files", []) if isinstance(f, dict) and safe_relpath(
-        str(f.get("path", "")))}
-    if not listed:
-        raise AgentError(f"{job.get('host_path', target)}: no verified model to serve (no manifest)")
-    body = json.dumps(doc).encode()
-    last = [time.monotonic()]
-    want = ("Bearer " + token).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):   # no access log on stdout: stdout carries events
-            pass
-
-        def do_GET(self):
-            last[0] = time.monotonic()
-            if not hmac.compare_digest(self.headers.get("Authorization", "").encode("utf-8", "replace"), want):
-                self.send_error(401)
-                return
-            if self.path == "/manifest":
-                self._send(200, body, len(body))
-                return
-            path = urllib.parse.unquote(self.path[len("/files/"):]) if self.path.startswith("/files/") else ""
-            if path not in listed:
-                self.send_error(404)
-                return
-            full = confined(target, path)
-            size = os.path.getsize(full)
-            start = _range_start(self.headers.get("Range"), size)
-            with open(full, "rb") as f:
-                f.seek(start)
-                self._send(206 if start else 200, f, size - start, start=start, size=size)
-            last[0] = time.monotonic()
-
-        def _send(self, code, data, length, start=0, size=0):
-            self.send_response(code)
-            self.send_header("Content-Length", str(length))
-            if code == 206:
-                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
-            self.end_headers()
-            if isinstance(data, bytes):
-                self.wfile.write(data)
-            else:
-                for chunk in iter(lambda: data.read(CHUNK), b""):
-                    self.wfile.write(chunk)
-
-    server = _Server((job["bind"], int(job["port"])), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    emit({"ev": "listening", "port": server.server_address[1]})
-    while time.monotonic() - last[0] < float(job.get("idle", 300)):
-        time.sleep(1)
-    server.shutdown()
-    emit({"ev": "done", "summary": "served"})
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def server_bind(self):
-        # HTTPServer.server_bind asks reverse DNS for the address (socket.getfqdn): 10 s on hosts without DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-
-
-def _range_start(header: Optional[str], size: int) -> int:
-    if header and header.startswith("bytes=") and header.endswith("-"):
-        try:
-            start = int(header[6:-1])
-        except ValueError:
-            return 0
-        return start if 0 <= start < size else 0
-    return 0
+    """Serve the folder to peers holding the token (serve.py: a verified copy, or one still arriving)."""
+    serving = _serving()
+    try:
+        serving.serve(job, target, emit, token)
+    except serving.ServeError as e:
+        raise AgentError(str(e)) from None
 
 
 def read_token(path: Optional[str]) -> Optional[str]:
@@ -691,14 +691,14 @@ def read_token(path: Optional[str]) -> Optional[str]:
     with open(path) as f:
         for line in f:
             key, sep, value = line.rstrip("\n").partition("=")
-            if sep and key in (TOKEN_ENV, TRANSFER_ENV):
+            if sep and (key in (TOKEN_ENV, TRANSFER_ENV) or key.startswith(TOKEN_ENV + "_")):  # _N: a fallback's
                 return value
     return None
 
 
 def agent_main(argv: List[str]) -> int:
-    """python3 agent.py {sync|serve|index} JOB.json (the model folder is mounted at /target)."""
-    if len(argv) != 2 or argv[0] not in ("sync", "serve", "index"):
+    """python3 agent.py {sync|serve|relay|index} JOB.json (the model folder is mounted at /target)."""
+    if len(argv) != 2 or argv[0] not in ("sync", "serve", "relay", "index"):
         sys.stderr.write(str(agent_main.__doc__) + "\n")
         return 2
     with open(argv[1]) as f:
@@ -708,14 +708,22 @@ def agent_main(argv: List[str]) -> int:
         token = read_token(job.get("token_file"))
         if argv[0] == "sync":
             agent_sync(job, target, _emit_stdout, token)
-        elif argv[0] == "serve":
+        elif argv[0] in ("serve", "relay"):
             if not token:
                 raise AgentError("serve needs a token file")
-            agent_serve(job, target, _emit_stdout, token)
+            agent_serve({**job, "mode": "relay" if argv[0] == "relay" else "complete"}, target, _emit_stdout, token)
         else:
             agent_index(job, target, _emit_stdout)
     except AgentError as e:
         _emit_stdout({"ev": "error", "msg": str(e)})
+        return 1
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            st = os.statvfs(target)
+            _emit_stdout({"ev": "error", "msg": f"no space left on the model disk ({st.f_bavail * st.f_frsize / 1e6:.0f} "
+                          f"MB free): free space there or point model_dir at a larger disk; the next run resumes"})
+        else:
+            _emit_stdout({"ev": "error", "msg": f"{type(e).__name__}: {e}"})
         return 1
     except Exception as e:  # noqa: BLE001 - one line for the control side
         _emit_stdout({"ev": "error", "msg": f"{type(e).__name__}: {e}"})

@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 MANIFEST = ".gpucluster-manifest.json"
 STAMP = ".gpucluster-stamp"
 PARTIAL_DIR = ".gpucluster-partial"
+INCOMING = ".gpucluster-incoming.json"   # what a host receiving a copy tells its own server (serve.py, relay mode)
 
 Entry = Dict[str, Any]   # {"path", "size", "sha256": str|None, "oid": str|None (git blob sha1), "mtime": int ns,
 #                           "hash_by": "source" | "head" (in manifests: who gave the sha256 it was verified by)}

@@ -216,7 +216,8 @@ def test_download_on_control_pushes_to_the_head_only(rig, case, tmp_path, monkey
     assert r.returncode == 0, r.stderr[-3000:]
     hosts = json.loads(r.stdout)["hosts"]
     assert "from this machine" in hosts[c.head]
-    assert all(f"from {c.head}" in v for h, v in hosts.items() if h != c.head)
+    assert all(v.startswith("copied") and "via this machine" not in v for h, v in hosts.items() if h != c.head)
+    assert f"from {c.head}" in hosts[next(h for h in c.roots if h != c.head)]
     assert {e["client"] for e in log.since() if "/resolve/" in e["path"]} == {rig.facts["control_address"]}
     assert_identical(rig, c)
 
@@ -272,3 +273,13 @@ def test_relay_through_this_machine_when_hosts_cannot_reach_each_other(rig, case
     assert all(f"from {c.head} via this machine" in v for h, v in out.items() if h != c.head), out
     assert "fallback 1 worked" in r.stderr, r.stderr[-2000:]
     assert_identical(rig, c)
+
+
+def test_chain_each_host_pulls_from_the_one_before(rig, case):
+    c = case("dl-chain")
+    hosts = c.pull_ok()
+    order = [c.head] + [h for h in c.roots if h != c.head]
+    for up, h in zip(order, order[1:]):
+        assert hosts[h].startswith("copied") and f"from {up};" in hosts[h], hosts
+    assert_identical(rig, c)
+    assert c.pull_ok() == {h: "present" for h in c.roots}

@@ -61,7 +61,8 @@ def secret_outputs(tmp_path_factory):
     runs = {name: subprocess.Popen([sys.executable, "-m", "cluster", "plan", str(path), *args], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
             for name, args in (("json", ["--json"]), ("sh", ["--format", "sh"]), ("table", []))}
-    return {n: (p.returncode, *p.communicate(timeout=60)) if p.wait(60) is not None else None for n, p in runs.items()}
+    out = {n: p.communicate(timeout=120) for n, p in runs.items()}      # (reading as it goes: no pipe deadlock)
+    return {n: (p.returncode, *out[n]) for n, p in runs.items()}
 
 
 @pytest.mark.parametrize("fmt", ["json", "sh", "table"])
