@@ -13,7 +13,17 @@ What OpenWebUI does was read from open-webui/open-webui's source (reference only
   get_verified_user (utils/auth.py: a bearer token or the token cookie, else 403 "Not authenticated").
 - routers/auths.py: POST /api/v1/auths/signin with WEBUI_AUTH=False answers a token for admin@localhost (created
   on first use, as the browser does) and refuses once other accounts exist (authentication cannot be turned off
-  then: the docs' env-configuration page says so too)."""
+  then: the docs' env-configuration page says so too).
+- env.py OFFLINE_MODE (sets HF_HUB_OFFLINE=1, turns off the version check) and config.py *_AUTO_UPDATE: at every
+  start OpenWebUI otherwise asks huggingface.co for its embedding model (RAG_EMBEDDING_MODEL_AUTO_UPDATE defaults to
+  true; retrieval/utils.py get_model_path) and again during chats. The official image carries them in its data
+  folder (a host-path ui.data hides them: then no local RAG embeddings offline); a lab network that
+  drops outside traffic made the first /health wait 277 s instead of 20 s (open-webui 0.6.36 from PyPI, DNS and
+  HTTPS blackholed). So OFFLINE_MODE=True here; ui.env.OFFLINE_MODE: "False" gives the downloads back.
+
+Run against the real open-webui 0.6.36 (tests/rig/webuiimage.py; tests/e2e/webui_browser.py drives it in Chromium):
+this env, `bash start.sh`, PROBE's sign-in and /api/models (it lists the served model and OpenWebUI's own
+"arena-model")."""
 
 from __future__ import annotations
 
@@ -126,10 +136,11 @@ def validate(d: Deployment) -> None:
 
 def env(d: Deployment) -> dict[str, str | Secret]:
     """The container's environment: the connection to the endpoint (OpenAI API, or Ollama's own for Ollama), the
-    port, auth, env-over-database; ui.env; the API key (a Secret: it goes to the mounted file, never `-e`)."""
+    port, auth, env-over-database, no downloads from huggingface.co (OFFLINE_MODE); ui.env (which may turn that
+    back on); the API key (a Secret: it goes to the mounted file, never `-e`)."""
     ui = d.inventory.ui
     out: dict[str, str | Secret] = {"PORT": str(ui.port), "WEBUI_AUTH": str(ui.auth),
-                                    "ENABLE_PERSISTENT_CONFIG": "False"}
+                                    "ENABLE_PERSISTENT_CONFIG": "False", "OFFLINE_MODE": "True"}
     if d.engine.name == "ollama":      # Ollama's native API (tags, ps in the UI); its OpenAI API would list it twice
         out.update(ENABLE_OLLAMA_API="True", OLLAMA_BASE_URL=d.base_url, ENABLE_OPENAI_API="False")
     else:                              # no Ollama: else OpenWebUI keeps trying its default http://localhost:11434

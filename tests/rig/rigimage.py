@@ -14,7 +14,7 @@ from rigutil import CACHE, HERE, REPO, log, run, stage, wait_for
 
 APT_PACKAGES = ["docker.io", "openssh-server", "openssh-client", "iproute2", "debootstrap", "docker-registry",
                 "iptables", "rsync", "curl", "git", "ca-certificates", "procps", "util-linux", "python3",
-                "python3-venv"]
+                "python3-venv", "chromium", "chromium-driver"]
 OLAH_REQ = "olah==0.5.4"
 
 # Versions the images carry when cluster/knowledge/vllm/*.json does not exist yet.
@@ -505,7 +505,7 @@ def image_size():
     return json.load(open(p)) if os.path.exists(p) else None
 
 
-def setup(force_images=False, real_engine=False):
+def setup(force_images=False, real_engine=False, openwebui=False):
     os.makedirs(CACHE, exist_ok=True)
     with stage("apt packages"):
         ensure_packages()
@@ -521,3 +521,7 @@ def setup(force_images=False, real_engine=False):
         import realengine
         with stage("real engine"):
             realengine.ensure(force=force_images)
+    if openwebui:    # opt-in: the real OpenWebUI from PyPI (3.3 GB; webuiimage.py)
+        import webuiimage
+        with stage("openwebui"):
+            webuiimage.ensure(force=force_images)

@@ -133,7 +133,7 @@ def test_the_container_points_at_the_endpoint_and_is_node_aux(tmp_path):
     assert "--gpus" not in argv and not any(a.startswith("--ipc") for a in argv)
     assert _env(step) == {"OPENAI_API_BASE_URL": plan.endpoint, "ENABLE_OPENAI_API": "True",
                           "ENABLE_OLLAMA_API": "False", "PORT": "3000", "WEBUI_AUTH": "False",
-                          "ENABLE_PERSISTENT_CONFIG": "False"}
+                          "ENABLE_PERSISTENT_CONFIG": "False", "OFFLINE_MODE": "True"}
     assert plan.endpoint == "http://172.18.8.208:8000/v1"
     assert ["-v", "gpucluster-lab-openwebui:/app/backend/data:rw"] == argv[argv.index("-v"):argv.index("-v") + 2]
     assert argv[argv.index("--entrypoint") + 1:] == ["bash", OPENWEBUI_IMAGE, "start.sh"]   # the image's own CMD
