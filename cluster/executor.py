@@ -42,6 +42,7 @@ class Outcome:
     seconds: float = 0.0
     detail: str = ""             # what the step reported (e.g. the delivery agent's summary)
     names: tuple[str, ...] = ()  # what a use_output check found (appended to the first op)
+    fallback: str = ""           # "fallback N worked after: <why the ones before failed>"
 
     def as_dict(self) -> dict:
         out = {"id": self.step.id, "host": self.step.host, "phase": self.step.phase, "status": self.status,
@@ -54,6 +55,8 @@ class Outcome:
             out["detail"] = self.detail
         if self.seconds:
             out["seconds"] = round(self.seconds, 2)
+        if self.fallback:
+            out["fallback"] = self.fallback
         return out
 
 
@@ -228,9 +231,10 @@ class Executor:
         for i, alternative in enumerate((ops, *([] if d.variant else step.otherwise))):
             try:
                 detail = self._ops(step, alternative)
-                if i:
-                    self.progress(f"{where}: fallback {i} worked after: {'; '.join(errors)}")
-                return Outcome(step, "ran", d.why, d.variant, time.time() - t0, detail, d.extra)
+                fell = f"fallback {i} worked after: {'; '.join(errors)}" if i else ""
+                if fell:
+                    self.progress(f"{where}: {fell}")
+                return Outcome(step, "ran", d.why, d.variant, time.time() - t0, detail, d.extra, fell)
             except OpFailed as e:
                 errors.append(str(e))
         return Outcome(step, "failed", "; ".join(errors), d.variant, time.time() - t0)

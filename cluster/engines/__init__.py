@@ -30,6 +30,8 @@ class Engine(Protocol):
     name: str                          # the profile's `engine:` value
     knowledge: str                     # key of its facts in cluster/knowledge (<knowledge>/releases.json + curated.yaml)
     components: tuple[str, ...]        # `logs --component` choices
+    # Optional (ops.status falls back to these): the API's liveness path asked from this machine ("/health";
+    # Ollama has none: "/api/version"), and `served_id(d)`, the id its model list shows (Ollama adds ":latest").
 
     def facts(self, version: str) -> "EngineFacts": ...
 

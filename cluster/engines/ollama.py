@@ -526,6 +526,11 @@ class Ollama:
         ]
 
     # ------------------------------------------------------------------ status and logs
+    health_path = "/api/version"      # Ollama has no /health
+
+    def served_id(self, d) -> str:
+        return _listed(d.served_name)
+
     def measured(self, d, probed) -> list:
         return []
 

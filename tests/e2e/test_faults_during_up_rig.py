@@ -6,7 +6,6 @@ test_faults_rig.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -197,11 +196,13 @@ def test_hf_mirror_down_falls_back_to_the_next_hub_in_the_same_up(rig, tmp_path)
     fresh_model(rig)
     hf_fault(rig, "503")
     try:
-        r = gc("up", str(inv), "--yes", "--json")
+        r = gc("up", str(inv), "--yes")
         assert r.returncode == 0, r.stderr[-3000:]
         fell = [ln for ln in r.stderr.splitlines() if "h1: model: fallback 1 worked after:" in ln]
         assert fell and "HTTP 503" in fell[0] and "listing policy" in fell[0], r.stderr[-3000:]
-        serving(inv, json.loads(r.stdout)["endpoint"])
+        again = up_json(inv)              # --json says the same per step; here nothing is left to download
+        assert "h1/model" not in ran(again), again["steps"]
+        serving(inv, again["endpoint"])
         report("HF mirror answers 503 to everything, a ModelScope fallback configured",
                fell[0].strip()[:200] + " ...", "(same run) downloaded from ModelScope; healthy")
     finally:

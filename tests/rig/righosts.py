@@ -15,6 +15,7 @@ import sglangimage
 import shapemodel
 import rigimage
 import tinymodel
+import webuiimage
 from rigutil import CACHE, HERE, log, run, stage, wait_for
 
 SUBNET = "10.77.0"
@@ -446,6 +447,9 @@ def up(a):
         facts["real_engine"] = {"image": real["image"], "ref": "%s/%s" % (reg, real["image"]),
                                 "version": real["version"], "size": real["size"]}
         facts["real_model"] = real_model
+    webui = webuiimage.available()
+    if webui:  # `rig setup --openwebui` ran: the real OpenWebUI (the key is absent otherwise)
+        facts["openwebui"] = webui
     with open(os.path.join(d, "rig.json"), "w") as f:
         json.dump(facts, f, indent=1)
     st["hosts"] = [h["name"] for h in hosts]

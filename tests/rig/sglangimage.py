@@ -76,13 +76,19 @@ def ensure_source(v=VERSION):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# The torch SGLang 0.5.15 pins (its wheel's Requires-Dist: torch==2.11.0), in the CUDA 12.9 build of the plain tag:
+# what gpucluster's in-image check reads (the torch stand-in answers version and arch list only).
+TORCH = {"torch": "2.11.0", "cuda": "12.9", "arch": ["sm_70"] + rigimage.SM_NEW + ["compute_120"]}
+
+
 def standin_files():
-    return sorted(glob.glob(os.path.join(HERE, "image", "sglang", "**", "*.py"), recursive=True)) + [
+    return sorted(glob.glob(os.path.join(HERE, "image", "sglang", "**", "*.py"), recursive=True)
+                  + glob.glob(os.path.join(HERE, "image", "torch", "*.py"))) + [
         os.path.join(HERE, "image", "realparser", "realparse.py")]
 
 
 def stamp(info):
-    h = hashlib.sha256(rigimage.realparser_key().encode())
+    h = hashlib.sha256((rigimage.realparser_key() + json.dumps(TORCH)).encode())
     h.update(info["sha256"].encode())
     for p in standin_files():
         h.update(p.encode())
@@ -100,6 +106,10 @@ def stage_tree(dest, src_dir):
     site = os.path.join(dest, "usr", "local", "lib", "python3.11", "dist-packages")
     shutil.copytree(os.path.join(HERE, "image", "sglang"), os.path.join(site, "sglang"),
                     ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(HERE, "image", "torch"), os.path.join(site, "torch"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with open(os.path.join(site, "torch", "standin_build.json"), "w") as f:
+        json.dump(TORCH, f)
     rp = os.path.join(dest, RP.lstrip("/"))
     shutil.copytree(src_dir, os.path.join(rp, "src"), ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(os.path.join(HERE, "image", "realparser", "realparse.py"), os.path.join(rp, "realparse.py"))

@@ -89,5 +89,6 @@ def test_the_executor_goes_to_the_next_hub_only_when_the_one_before_fails(tmp_pa
     lines = []
     report = Executor(None, lines.append).execute([step])
     assert report.outcomes[0].status == "ran"
+    assert report.outcomes[0].as_dict()["fallback"].startswith("fallback 2 worked after: `sh -c")   # --json too
     assert tried.read_text().split() == ["mirror", "modelscope", "huggingface"]
     assert any("fallback 2 worked after:" in ln for ln in lines), lines
