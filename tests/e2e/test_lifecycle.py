@@ -163,12 +163,13 @@ def test_change_recreates_only_what_changed_and_dead_container_restarts(rig, tmp
         changed = _up(inv, "--set", "max-model-len=2048")
         assert ran(changed) == {"h1/api": "replace"}, changed["steps"]
         assert labelled(rig, "e2e-drift") == before
-        # a worker that died is started again, the same container
+        # a worker that died is started again, the same container; the API server restarts with the engine's
+        # Ray workers (those on the dead node are gone)
         worker = next(k for k in before if "worker" in k)
         host, name = worker.split("/")
         host_docker(rig, host).containers.get(name).kill()
         again = _up(inv, "--set", "max-model-len=2048")
-        assert ran(again) == {f"{host}/ray-worker": "start"}, again["steps"]
+        assert ran(again) == {f"{host}/ray-worker": "start", "h1/api": "restart"}, again["steps"]
         assert labelled(rig, "e2e-drift")[worker]["id"] == before[worker]["id"]
     finally:
         assert gc("down", str(inv), "--yes").returncode == 0

@@ -18,10 +18,12 @@ from test_lifecycle import chat, gc, inventory, labelled
 pytestmark = pytest.mark.rig
 
 SHIM = """#!/bin/sh
-# test shim: records this argv (one JSON line), then runs the real docker
-python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> {log}
+# test shim: records this argv and its caller's command line (one JSON line), then runs the real docker
+python3 -c 'import json, sys; print(json.dumps([open("/proc/%s/cmdline" % sys.argv[1], "rb").read().decode(
+    errors="replace").replace(chr(0), " "), *sys.argv[2:]]))' "$PPID" "$@" >> {log}
 exec {docker} "$@"
 """
+AGENT = "image_fanout_agent.py"     # a step's own program: the docker commands it runs belong to that step
 
 
 @pytest.fixture
@@ -38,9 +40,13 @@ def docker_calls(rig):
         logs[h["name"]] = log
 
     def read() -> dict[str, list[list[str]]]:
+        """docker argvs the steps ran themselves; those run by the image agent (a step's program, listed as its
+        `python3 ... image_fanout_agent.py` op) are kept apart under the host name + "/agent"."""
         out = {}
         for name, log in logs.items():
-            out[name] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            calls = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            out[name] = [c[1:] for c in calls if AGENT not in c[0]]
+            out[name + "/agent"] = [c[1:] for c in calls if AGENT in c[0]]
             log.write_text("")
         return out
     yield read
@@ -83,10 +89,28 @@ def expectations(dry: dict) -> tuple[dict, dict]:
     return changes, looks
 
 
-def assert_matches(recorded: dict, changes: dict, looks: dict) -> None:
+def assert_matches(recorded: dict, changes: dict, looks: dict, agents: set[str] = frozenset()) -> None:
+    """Every docker command a host ran is a listed change or a read-only look; the image agent ran docker only on
+    the hosts where a step of it was listed to run."""
     for host, calls in recorded.items():
-        done = [c for c in calls if tuple(c) not in looks[host]]
+        if host.endswith("/agent"):
+            assert not calls or host.split("/")[0] in agents, f"{host}: the image agent ran {calls} unlisted"
+            continue
+        done = [c for c in calls if tuple(c) not in looks[host] and not read_only(c)]
         assert done == changes.get(host, []), f"{host}: ran {done}\nlisted {changes.get(host, [])}"
+
+
+def read_only(argv: list[str]) -> bool:
+    """docker commands that change nothing, as a check's script runs them (`sh -c '... docker inspect ...'`)."""
+    return argv[:1] in (["inspect"], ["ps"], ["images"], ["version"], ["info"]) or argv[:2] == ["image", "inspect"]
+
+
+def agent_hosts(dry: dict) -> set[str]:
+    plan = {s["id"]: s for s in dry["plan"]}
+    def ops(o: dict) -> list:
+        return plan[o["id"]]["variants"][o["variant"]] if o.get("variant") else plan[o["id"]]["ops"]
+    return {o["host"] for o in dry["steps"] if o["status"] == "would-run"
+            and any(AGENT in " ".join(op.get("argv") or []) for op in ops(o))}
 
 
 def test_up_and_down_run_exactly_what_their_dry_runs_list(rig, tmp_path, docker_calls):
@@ -100,7 +124,7 @@ def test_up_and_down_run_exactly_what_their_dry_runs_list(rig, tmp_path, docker_
         docker_calls()
         r = gc("up", str(inv), "--yes", "--json")
         assert r.returncode == 0, r.stderr[-3000:]
-        assert_matches(docker_calls(), changes, looks)
+        assert_matches(docker_calls(), changes, looks, agent_hosts(dry))
         assert [o["status"] for o in json.loads(r.stdout)["steps"] if o["status"] != "skipped"] != []
 
         again = gc("up", str(inv), "--yes", "--json")       # nothing to do: only read-only commands
