@@ -214,7 +214,18 @@ def arch_supported(s: Setup) -> Iterator[Finding]:
                       fix=_profiles_for(s.profile.engine, low, s.model.architecture))
 
 
-CHECKS = (tp_spans_hosts, served_name_supported, host_network, arch_supported, flags_supported, memory_fits)
+def port_fits(s: Setup) -> Iterator[Finding]:
+    """0.5.11 .. 0.5.15.post1 derive a gRPC port of --port + 10000 at every launch and refuse one above 65535."""
+    top, port = knowledge.rules(s.facts.version).get("max_port"), s.inventory.deploy.port or s.profile.port
+    if top and port > top:
+        yield Finding(code="port-too-high", severity=ERROR,
+                      message=f"port {port}: SGLang {s.facts.version} opens a gRPC port at --port + 10000 and "
+                              f"stops with \"SGLANG_GRPC_PORT ({port + 10000}) must be between 1 and 65535\"",
+                      fix=f"set deploy.port to {top} or lower (or use SGLang >= 0.5.16)")
+
+
+CHECKS = (tp_spans_hosts, served_name_supported, host_network, port_fits, arch_supported, flags_supported,
+          memory_fits)
 
 
 # ---------------------------------------------------------------- the engine

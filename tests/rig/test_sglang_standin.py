@@ -32,9 +32,12 @@ QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_s
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below 55536: SGLang 0.5.15 also opens --port + 10000 and refuses one above 65535."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] <= 55535:
+                return s.getsockname()[1]
 
 
 @pytest.fixture

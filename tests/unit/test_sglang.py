@@ -309,6 +309,18 @@ def test_tp_must_split_evenly_over_hosts():
     assert {"tp-not-per-node", "heads-not-divisible"} <= codes
 
 
+@pytest.mark.parametrize("port,refused", [(55535, False), (55536, True), (57345, True)])
+def test_a_port_whose_grpc_twin_is_no_port_is_refused(port, refused):
+    """SGLang 0.5.15 opens --port + 10000 and stops above 65535 (the rig's stand-in hit it with port 57345)."""
+    inv, prof = ops.load(A10)
+    inv = dataclasses.replace(inv, deploy=dataclasses.replace(inv.deploy, port=port))
+    found = [f for f in ops.make_plan(inv, prof).findings if f.code == "port-too-high"]
+    assert bool(found) == refused
+    if refused:
+        assert f"SGLANG_GRPC_PORT ({port + 10000}) must be between 1 and 65535" in found[0].message
+        assert found[0].fix.startswith("set deploy.port to 55535 or lower")
+
+
 # ---------------------------------------------------------------- flags, values, secrets
 def test_flag_not_in_the_release_is_one_line():
     inv, prof = ops.load(A10)

@@ -6,6 +6,7 @@
     table(version)    the generated record (traits: dist_init_flag, min_cc, mem_fraction, requires, ...)
     image(version)    the curated image facts of that release ({} below the first range)
     image_ref(v)      lmsysorg/sglang:v<version><tag suffix>
+    rules(version)    curated rules of that release: max_port (its --port + 10000 must be a port)
     reserved_mem()    the curated parameters of SGLang's reserved-memory estimate
 """
 
@@ -51,6 +52,11 @@ def image(version: str) -> dict:
 
 def image_ref(version: str) -> str:
     return f"{REPO}:v{version}{image(version).get('tag', '')}"
+
+
+def rules(version: str) -> dict:
+    """The curated engine rules of that release (api_key_env, max_port)."""
+    return _range(curated()["rules"], version)
 
 
 def reserved_mem() -> dict:
