@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from . import checks, config, engines, knowledge
+from . import checks, config, engines
 from .checks import ERROR, Setup
 from .config import Inventory, Profile
 from .errors import GpuclusterError
@@ -69,19 +69,15 @@ def image_profile(engine: str, version: str, template: Profile | None) -> Profil
     """A profile that is just the official image of `version` (mirrors, docker and env from `template`)."""
     base = {"registry_mirrors": list(template.registry_mirrors), "docker": template.docker,
             "env": dict(template.env)} if template else {}
-    tag = getattr(engines.get(engine), "image", None)      # an engine whose tags carry more than v<version>
-    return Profile(name=f"{engine}-v{version}", engine=engine, version=version,
-                   image=tag(version) if tag else f"{IMAGE_REPO.get(engine, engine)}:v{version}", **base)
+    image = engines.get(engine).image(version) or f"{IMAGE_REPO.get(engine, engine)}:v{version}"
+    return Profile(name=f"{engine}-v{version}", engine=engine, version=version, image=image, **base)
 
 
 def candidates(engine: str = "vllm") -> list[tuple[Profile, bool]]:
     """(profile, shipped) newest first: shipped profiles and the newest release of each minor series."""
     shipped = {p.version: p for p in sorted(_shipped(engine), key=lambda p: p.name)}
     newest: dict[tuple[str, ...], str] = {}
-    plugin = engines.get(engine)
-    known = plugin.versions() if hasattr(plugin, "versions") else \
-        knowledge.known_versions(getattr(plugin, "knowledge", engine))
-    for v in known:
+    for v in engines.get(engine).versions():
         newest[tuple(v.split(".")[:2])] = v
     out = []
     for v in sorted(set(newest.values()) | set(shipped), key=version_key, reverse=True):
@@ -184,11 +180,7 @@ def _adapted(inv: Inventory, prof: Profile, model: ModelFacts | None):
     """(inventory, model facts, the model deployed instead or None) as this engine would serve the request, or
     None where it cannot: an engine may serve another form of the model (Ollama: a GGUF); an Ollama name or GGUF
     is served by Ollama only."""
-    adapt = getattr(engines.get(prof.engine), "adapt", None)
-    if adapt is not None:
-        return adapt(inv, model)
-    from . import gguf
-    return None if gguf.is_ref(inv.deploy.model) else (inv, model, None)
+    return engines.get(prof.engine).adapt(inv, model)
 
 
 def search(inv: Inventory, model: ModelFacts | None, *, sets: dict[str, Any] | None = None, engine: str = "vllm",

@@ -176,7 +176,7 @@ def _profiles_for(engine: str, cc: tuple[int, int], arch: str | None = None) -> 
     `arch`), else the newest official images that do; never a release that cannot run on these GPUs."""
     from . import config, engines, knowledge
     from .knowledge import curated
-    key = getattr(engines.get(engine), "knowledge", engine)
+    key = engines.get(engine).knowledge
 
     def fits(version: str, of: str = engine) -> bool:
         facts = engines.get(of).facts(version)

@@ -623,14 +623,14 @@ def _version_from_image(image: str, at: _At) -> str:
 def _check_version_known(engine: str, version: str, at: _At) -> None:
     from . import engines, knowledge   # engine data only where a profile is read
     try:
-        engine = getattr(engines.get(engine), "knowledge", engine)
+        plugin = engines.get(engine)
     except ConfigError:
         return   # an unknown engine is reported where the plan asks for it
-    known = knowledge.known_versions(engine)
+    known = plugin.versions()
     if known and version not in known:
         raise at.error(f"no engine data for {engine} {version} ({len(known)} releases known: {known[0]} .. "
                        f"{known[-1]})", fix="use one of the nearest: " + ", ".join(
-                           knowledge.nearest_versions(engine, version)))
+                           knowledge.nearest_versions(known, version)))
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

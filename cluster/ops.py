@@ -392,12 +392,12 @@ def status(inv: Inventory, load_planned: Callable[[], tuple[Inventory, Profile]]
             out["ui"], found = ui.status(d, lambda host, argv: ex.run(host, argv, timeout=60), http)
             out["problems"] += found
     auth = d.api_key.reveal() if d.api_key is not None else None
-    path = getattr(d.engine, "health_path", "/health")
+    path = d.engine.health_path
     health, _ = http(f"{d.base_url}{path}")
     code, text = http(f"{d.endpoint}/models", auth=auth)
     served = _model_ids(text) if code == 200 else []
     out["api"] = {"health": health == 200, "models": served}
-    served_id = getattr(d.engine, "served_id", lambda d: d.served_name)(d)
+    served_id = d.engine.served_id(d)
     if health != 200:
         out["problems"].append(f"api: {path} does not answer 200")
     elif served_id not in served:

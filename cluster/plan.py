@@ -264,10 +264,9 @@ def build(inventory: Inventory, profile: Profile, *, model: ModelFacts | None, t
     job = ModelJob(inventory=inventory, hosts=setup.hosts, image=profile.image, verify=verify,
                    transfer_token=transfer_token or Secret(literal=secrets.token_hex(24)))
     # an engine may fetch its model itself (Ollama pulls through its API) and have no torch to check in its image
-    own_model = getattr(engine, "model_steps", None)
-    check = getattr(engine, "image_check_steps", image_check_steps)
-    steps = [*stray_steps(d), *image_steps(d), *check(d),
-             *(own_model(d) if own_model else [*head_steps(job), *fanout_steps(job)]),
+    own_model, own_check = engine.model_steps(d), engine.image_check_steps(d)
+    steps = [*stray_steps(d), *image_steps(d), *(image_check_steps(d) if own_check is None else own_check),
+             *([*head_steps(job), *fanout_steps(job)] if own_model is None else own_model),
              *engine.steps(d, join_timeout=join_timeout, ready_timeout=ready_timeout), *front.steps(d),
              *record.steps(d, sets or {})]
     return Plan(deployment=d, model=model, findings=tuple(findings), memory=setup.memory(), steps=tuple(steps))

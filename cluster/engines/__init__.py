@@ -30,8 +30,8 @@ class Engine(Protocol):
     name: str                          # the profile's `engine:` value
     knowledge: str                     # key of its facts in cluster/knowledge (<knowledge>/releases.json + curated.yaml)
     components: tuple[str, ...]        # `logs --component` choices
-    # Optional (ops.status falls back to these): the API's liveness path asked from this machine ("/health";
-    # Ollama has none: "/api/version"), and `served_id(d)`, the id its model list shows (Ollama adds ":latest").
+    # Members with a default (EngineBase, below, which every engine derives from): health_path, served_id,
+    # versions, image, memory, capability_quote, adapt, model_steps, image_check_steps.
 
     def facts(self, version: str) -> "EngineFacts": ...
 
@@ -59,6 +59,42 @@ class Engine(Protocol):
         """(state, summary lines, problems) of the running deployment; `run(host, argv)` runs a read-only probe."""
 
     def logs(self, d: "Deployment", *, tail: int, follow: bool) -> list[LogSource]: ...
+
+
+class EngineBase:
+    """The defaults of the members an engine may leave out; plan, checks, alternatives and ops ask every engine."""
+
+    knowledge: str
+    health_path = "/health"           # the API's liveness path, asked from this machine (Ollama: /api/version)
+    memory = None                     # or a method Setup -> Memory: the engine budgets GPU memory its own way
+    capability_quote = None           # or a method facts -> str: the engine's own words refusing a GPU
+
+    def served_id(self, d: "Deployment") -> str:
+        """The id the API's model list shows for the served model (Ollama adds ":latest")."""
+        return d.served_name
+
+    def versions(self) -> list[str]:
+        """Every release with data, oldest first."""
+        from .. import knowledge
+        return knowledge.known_versions(self.knowledge)
+
+    def image(self, version: str) -> str | None:
+        """The official image of a release where it is more than <repo>:v<version> (None: that form)."""
+        return None
+
+    def adapt(self, inv: "Inventory", model):
+        """(inventory, model facts, the model deployed instead or None) as this engine would serve the request
+        (for alternatives), or None where it cannot: an Ollama name or GGUF is for Ollama only."""
+        from .. import gguf
+        return None if gguf.is_ref(inv.deploy.model) else (inv, model, None)
+
+    def model_steps(self, d: "Deployment") -> list["Step"] | None:
+        """The engine's own model phase; None: the common delivery (download once, fan out, verify)."""
+        return None
+
+    def image_check_steps(self, d: "Deployment") -> list["Step"] | None:
+        """The engine's own in-image check; None: the common one (the image's torch can drive these GPUs)."""
+        return None
 
 
 def get(name: str) -> Engine:

@@ -23,7 +23,7 @@ from ..knowledge import ollama as knowledge
 from ..knowledge.curated import version_key
 from ..memory import GIB, MIB, Memory
 from ..steps import Check, Cmd, Http, Step
-from . import LogSource
+from . import EngineBase, LogSource
 
 MANAGED = {"OLLAMA_HOST": "deploy.port (gpucluster sets OLLAMA_HOST=0.0.0.0:<port>)",
            "OLLAMA_MODELS": "cluster.model_dir (gpucluster sets OLLAMA_MODELS=<model_dir>/ollama)"}
@@ -300,7 +300,7 @@ CHECKS = (one_host, env_valid, memory_fits)
 
 
 # ---------------------------------------------------------------- the engine
-class Ollama:
+class Ollama(EngineBase):
     name = "ollama"
     knowledge = "ollama"
     components = ("server",)

@@ -19,7 +19,7 @@ from ..knowledge import sglang as knowledge
 from ..knowledge.curated import version_key
 from ..memory import GIB, MIB, Memory, estimate
 from ..steps import Http, Step
-from . import LogSource, vllm
+from . import EngineBase, LogSource, vllm
 
 # torch.distributed's rendezvous on the head; SGLang opens its ZMQ ports just above it (port + 1 ...), so
 # 29600-29610 must be reachable on the head. Pinned so firewalls can allow them.
@@ -229,7 +229,7 @@ CHECKS = (tp_spans_hosts, served_name_supported, host_network, port_fits, arch_s
 
 
 # ---------------------------------------------------------------- the engine
-class Sglang:
+class Sglang(EngineBase):
     name = "sglang"
     knowledge = "sglang"
     components = ("head", "node")

@@ -10,7 +10,7 @@ from .. import knowledge
 from ..checks import ERROR, Finding
 from ..containers import ContainerSpec, container_step, digest, secrets_digest, secrets_put, with_secrets
 from ..steps import Check, Cmd, Put, Step, Wait
-from . import LogSource, vllm
+from . import EngineBase, LogSource, vllm
 
 RAY_PORT = 6379
 LOG_DIR = "/var/log/gpucluster"
@@ -52,7 +52,7 @@ def ray_on_gpus(s) -> list[Finding]:
     return []
 
 
-class VllmRay:
+class VllmRay(EngineBase):
     name = "vllm"
     knowledge = "vllm"
     components = ("api", "ray-head", "ray-worker")

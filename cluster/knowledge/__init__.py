@@ -81,9 +81,8 @@ def known_versions(name: str) -> list[str]:
     return releases.versions() if name == "vllm" else []
 
 
-def nearest_versions(name: str, version: str, n: int = 4) -> list[str]:
-    """The known versions closest to `version` (for an error's fix)."""
-    known = known_versions(name)
+def nearest_versions(known: list[str], version: str, n: int = 4) -> list[str]:
+    """The versions of `known` (oldest first) closest to `version` (for an error's fix)."""
     try:
         key = curated.version_key(version)
     except ValueError:
@@ -99,7 +98,7 @@ def _unknown(name: str, version: str) -> ConfigError:
         return ConfigError(f"no engine data for {name}", field="profile.engine", fix="use engine: vllm")
     return ConfigError(f"no engine data for {name} {version} (known: {len(known)} releases {known[0]} .. "
                        f"{known[-1]})", field="profile.version",
-                       fix="use one of the nearest: " + ", ".join(nearest_versions(name, version)))
+                       fix="use one of the nearest: " + ", ".join(nearest_versions(known, version)))
 
 
 @lru_cache(maxsize=None)

@@ -309,6 +309,15 @@ def test_tp_must_split_evenly_over_hosts():
     assert {"tp-not-per-node", "heads-not-divisible"} <= codes
 
 
+def test_a_release_without_data_is_refused_where_the_profile_names_it(tmp_path):
+    prof = tmp_path / "sg.yaml"
+    prof.write_text("engine: sglang\nimage: lmsysorg/sglang:v0.5.99\n")
+    with pytest.raises(ConfigError) as e:
+        config.load_profile(str(prof))
+    assert str(e.value) == (f"{prof}:2: image: no engine data for sglang 0.5.99 ({len(sg.versions())} releases known: "
+                            f"0.2.0 .. {sg.versions()[-1]}) (fix: use one of the nearest: 0.5.22, 0.5.23)")
+
+
 @pytest.mark.parametrize("port,refused", [(55535, False), (55536, True), (57345, True)])
 def test_a_port_whose_grpc_twin_is_no_port_is_refused(port, refused):
     """SGLang 0.5.15 opens --port + 10000 and stops above 65535 (the rig's stand-in hit it with port 57345)."""
