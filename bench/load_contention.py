@@ -7,7 +7,7 @@ Every fan-out that ends with the image on k hosts runs k image unpacks (a chain'
 extraction). On the rig the k hosts' dockerds share this machine's cores, so k unpacks at once cannot finish
 sooner than k x (one unpack's CPU) / cores, however the bytes travel. This measures it with the network out of
 the picture: the image (default: the rig registry's vllm/vllm-openai:v0.6.3, the stand-in `bench/scale.py` uses)
-is pulled on h1 and saved once to a tar file on this machine; then for each k, with the image removed from
+is pulled on h1 and saved once to a tar file on this machine; then for each k, with every image removed from
 h1..hk, k `docker -H <host> load -i <tar>` start together.
 
 Figures:
@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import no_images  # noqa: E402
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -44,11 +47,6 @@ def cpu_seconds() -> float:
 
 def docker(host: dict, *args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(["docker", "-H", host["docker_host"], *args], capture_output=True, text=True, **kw)
-
-
-def remove(host: dict, ref: str) -> None:
-    docker(host, "rmi", "-f", ref)
-    docker(host, "image", "prune", "-af")
 
 
 def loads(hosts: list[dict], tar: Path) -> tuple[float, list[float], float]:
@@ -96,7 +94,7 @@ def main() -> int:
         for k in ks:
             hosts = rig["hosts"][:k]
             for h in hosts:
-                remove(h, ref)
+                no_images(h)
             wall, walls, cpu = loads(hosts, tar)
             rows.append({"k": k, "wall_s": wall, "mean_load_s": sum(walls) / k, "cpu_s": cpu})
             print(f"  k={k}: {wall:.1f} s, {cpu:.1f} CPU s", file=sys.stderr)

@@ -112,19 +112,23 @@ def sent(netns: list[str]) -> list[int]:
     return [json.loads(o)[0]["stats64"]["tx"]["bytes"] if o.strip() else 0 for o in out]
 
 
+def no_images(h: dict) -> None:
+    """No image (no shared layer either) on this host; a warning where a container keeps some."""
+    docker = ["docker", "-H", h["docker_host"]]
+    tags = subprocess.run([*docker, "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True,
+                          text=True).stdout.split()
+    if tags:
+        subprocess.run([*docker, "rmi", "-f", *tags], capture_output=True)
+    subprocess.run([*docker, "image", "prune", "-af"], capture_output=True)
+    left = subprocess.run([*docker, "images", "-aq"], capture_output=True, text=True).stdout.split()
+    if left:
+        print(f"warning: {h['name']} keeps {len(left)} image(s) (a container uses them): not cold", file=sys.stderr)
+
+
 def cold(hosts: list[dict], model_id: str) -> None:
-    """No image (no shared layer either) and no model on these hosts."""
+    """No image and no model on these hosts."""
     for h in hosts:
-        docker = ["docker", "-H", h["docker_host"]]
-        tags = subprocess.run([*docker, "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True,
-                              text=True).stdout.split()
-        if tags:
-            subprocess.run([*docker, "rmi", "-f", *tags], capture_output=True)
-        subprocess.run([*docker, "image", "prune", "-af"], capture_output=True)
-        left = subprocess.run([*docker, "images", "-aq"], capture_output=True, text=True).stdout.split()
-        if left:
-            print(f"warning: {h['name']} keeps {len(left)} image(s) (a container uses them): not cold",
-                  file=sys.stderr)
+        no_images(h)
         shutil.rmtree(Path(h["model_dir"]) / model_id.replace("/", "--"), ignore_errors=True)
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import cold  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,14 +44,7 @@ def main() -> None:
         inv["deploy"].update(profile=profile, tensor_parallel=tp, pipeline_parallel=pp)
         path = rig_dir / f"{inv['cluster']['name']}.yaml"
         path.write_text(yaml.safe_dump(inv, sort_keys=False))
-        image = f"vllm/vllm-openai:v{profile.split('-v')[1]}"
-        for h in facts["hosts"][:n]:   # cold: no image (no shared layer either), no model on the hosts
-            docker = ["docker", "-H", h["docker_host"]]
-            tags = subprocess.run([*docker, "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True,
-                                  text=True).stdout.split()
-            if tags:
-                subprocess.run([*docker, "rmi", "-f", *tags], capture_output=True)
-            shutil.rmtree(Path(h["model_dir"]) / "gpucluster--tiny-qwen2", ignore_errors=True)
+        cold(facts["hosts"][:n], facts["model"]["id"])   # no image (no shared layer either), no model
         t = time.time()
         first = gc("up", str(path), "--yes", "--json")
         t_up = time.time() - t

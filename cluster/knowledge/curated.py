@@ -26,7 +26,8 @@ def data() -> dict:
     return yaml.safe_load(PATH.read_text())
 
 
-def _in_range(ranges: list[dict], version: str) -> dict:
+def in_range(ranges: list[dict], version: str) -> dict:
+    """The entry of `ranges` whose `from` is the last at or below `version` ({} below the first)."""
     key = version_key(version)
     chosen: dict = {}
     for entry in sorted(ranges, key=lambda e: version_key(str(e["from"]))):
@@ -37,11 +38,11 @@ def _in_range(ranges: list[dict], version: str) -> dict:
 
 def image(version: str) -> dict:
     """The official image's facts for `version` ({} below the first range)."""
-    return _in_range(data()["images"], version)
+    return in_range(data()["images"], version)
 
 
 def rules(version: str) -> dict:
-    return _in_range(data()["rules"], version)
+    return in_range(data()["rules"], version)
 
 
 def min_driver(cuda: str) -> str:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from ..curated import in_range, version_key
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -27,7 +29,6 @@ def curated() -> dict:
 
 
 def versions() -> list[str]:
-    from ..curated import version_key
     return sorted(curated()["releases"], key=version_key)
 
 
@@ -37,7 +38,6 @@ def released(version: str) -> str:
 
 def _merged(entries: list[dict], version: str) -> dict:
     """The ranges up to `version`, later ones overriding earlier keys (rules accumulate)."""
-    from ..curated import version_key
     key, out = version_key(version), {}
     for entry in sorted(entries, key=lambda e: version_key(str(e["from"]))):
         if version_key(str(entry["from"])) <= key:
@@ -45,17 +45,8 @@ def _merged(entries: list[dict], version: str) -> dict:
     return out
 
 
-def _range(entries: list[dict], version: str) -> dict:
-    from ..curated import version_key
-    key, chosen = version_key(version), {}
-    for entry in sorted(entries, key=lambda e: version_key(str(e["from"]))):
-        if version_key(str(entry["from"])) <= key:
-            chosen = entry
-    return dict(chosen)
-
-
 def image(version: str) -> dict:
-    return _range(curated()["images"], version)
+    return in_range(curated()["images"], version)
 
 
 def rules(version: str) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from ..curated import in_range
 from . import releases
 
 HERE = Path(__file__).resolve().parent
@@ -37,17 +38,8 @@ def table(version: str) -> dict:
     return releases.table(version)
 
 
-def _range(entries: list[dict], version: str) -> dict:
-    from ..curated import version_key
-    key, chosen = version_key(version), {}
-    for entry in sorted(entries, key=lambda e: version_key(str(e["from"]))):
-        if version_key(str(entry["from"])) <= key:
-            chosen = entry
-    return dict(chosen)
-
-
 def image(version: str) -> dict:
-    return _range(curated()["images"], version)
+    return in_range(curated()["images"], version)
 
 
 def image_ref(version: str) -> str:
@@ -56,7 +48,7 @@ def image_ref(version: str) -> str:
 
 def rules(version: str) -> dict:
     """The curated engine rules of that release (api_key_env, max_port)."""
-    return _range(curated()["rules"], version)
+    return in_range(curated()["rules"], version)
 
 
 def reserved_mem() -> dict:
