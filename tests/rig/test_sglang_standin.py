@@ -155,6 +155,12 @@ def test_compute_capability_70_refused(env):
     assert rc != 0 and "RuntimeError: SGLang only supports sm75 and above." in out, out[-1500:]
 
 
+def test_sglangs_own_arguments_refuse_the_port_the_plan_refuses(env):
+    """The plan's port-too-high limit for 0.5.15 (55535) is SGLang's own: 55536 stops in its ServerArgs."""
+    rc, out = run(env, ["--model-path", env["model"], "--tp-size", "2", "--port", "55536"])
+    assert rc != 0 and "SGLANG_GRPC_PORT (65536) must be between 1 and 65535" in out, out[-1500:]
+
+
 def test_tp_must_cover_every_gpu(env):
     rc, out = run(env, ["--model-path", env["model"], "--tp-size", "4", "--port", str(free_port())])
     assert rc != 0 and "invalid device ordinal" in out, out[-1500:]
